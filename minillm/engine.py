@@ -1,0 +1,275 @@
+"""The LLM class: load a checkpoint, then prefill and decode one request at a time.
+
+    prefill: one forward over the whole prompt fills the KV cache and gives the first token's logits;
+    decode:  each step feeds back the token just chosen (one row), appending its keys/values to the cache.
+Generation ends at an EOS token, at a stop string, or after max_new_tokens (finish_reason "stop" or
+"length").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import DTYPES, ModelConfig, load_config
+from .errors import MinillmError
+from .kv_cache import KVCache
+from .loader import load_model, resolve_model_dir
+from .model import CausalLM
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class Completion:
+    text: str  # generated text, stop string and everything after it removed
+    token_ids: list[int]  # generated ids only (an EOS id that ended generation is included)
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens or context full)
+    prefill_s: float = 0.0  # time of the prompt's forward pass
+    ttft_s: float = 0.0  # time to first token: prefill plus choosing the token
+    decode_s: float = 0.0  # time of every step after the first token
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = len(self.token_ids) - 1  # the first token came from prefill
+        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "timings": {
+                "prefill_s": self.prefill_s, "ttft_s": self.ttft_s, "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+            },
+        }
+
+
+class StopStrings:
+    """Cuts the output at the first stop string, and holds back text that might be the start of one.
+
+    A stop string can span several tokens ("\\n\\nUser:" may arrive as "\\n", "\\nUser", ":"), so the text is
+    searched as a whole, and a tail that could still grow into a stop string is not shown until it can't.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self.shown = 0  # characters of `text` already released
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add newly decoded text; return the part that is safe to show."""
+        self.text += piece
+        longest = max((len(s) for s in self.stops), default=0)
+        search_from = max(0, self.shown - longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self._release(len(self.text))
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - held)
+
+    def finish(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece
+
+
+@dataclass
+class GenerationDefaults:
+    """What the checkpoint's generation_config.json asks for, used where a request leaves a setting out."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: ModelConfig) -> "GenerationDefaults":
+        raw = {}
+        path = folder / "generation_config.json"
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise MinillmError(f"{path} is not valid JSON ({e})") from None
+        eos = raw.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        sampling = SamplingParams()
+        if raw.get("do_sample"):  # as in transformers, sampling settings apply only when do_sample is set
+            sampling.temperature = float(raw.get("temperature", 1.0))
+            sampling.top_k = int(raw.get("top_k") or 0)
+            sampling.top_p = float(raw.get("top_p", 1.0))
+            sampling.min_p = float(raw.get("min_p") or 0.0)
+        sampling.repetition_penalty = float(raw.get("repetition_penalty", 1.0))
+        return cls(
+            sampling=sampling,
+            max_new_tokens=int(raw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            eos_token_ids=sorted(set(eos_ids) | set(config.eos_token_ids)),
+        )
+
+
+@dataclass
+class Request:
+    """One generation request, checked and ready to run."""
+
+    ids: list[int]  # prompt token ids
+    sampler: Sampler
+    stops: StopStrings
+    max_new_tokens: int  # already capped so prompt + output fits the context
+
+
+class TextStream:
+    """Iterate to receive text pieces as they are generated; afterwards `.completion` holds the result."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.completion = yield from self._pieces
+
+
+class LLM:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.device = device
+        self.dtype = model.lm_head.weight.dtype
+
+    @classmethod
+    def load(cls, model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> "LLM":
+        """model: a checkpoint folder, or a Hugging Face Hub id. dtype: None keeps the checkpoint's own;
+        "float32", "bfloat16" or "float16" converts the weights as they load."""
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        folder = resolve_model_dir(str(model))
+        config = load_config(folder)
+        tokenizer = Tokenizer(folder)
+        network = load_model(folder, config, dtype, device)
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise MinillmError("the prompt is empty; give some text or token ids")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise MinillmError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        limit = self.config.context_length
+        if len(ids) >= limit:
+            raise MinillmError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {limit} (prompt plus at least one new token); shorten it"
+            )
+        return ids
+
+    # -- forward passes -------------------------------------------------------------------------------
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
+        ids = self.prompt_ids(list(token_ids))
+        cache = KVCache(self.config, len(ids), self.dtype, self.device)
+        return self.model(torch.tensor(ids, device=self.device), cache, all_logits=True).float()
+
+    def _forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
+        """Run ids after what the cache holds; the last position's logits [1, vocab] as float32."""
+        return self.model(torch.tensor(ids, device=self.device), cache).float()
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[int], **options) -> Completion:
+        """Generate a completion. Options: max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop (a string or list of strings). Unset options take the checkpoint's
+        generation_config.json defaults; temperature 0 is greedy."""
+        stream = self.stream(prompt, **options)
+        for _ in stream:
+            pass
+        return stream.completion
+
+    def stream(self, prompt: str | list[int], **options) -> TextStream:
+        """Like generate, but iterate over the result to receive text as it is produced. Bad settings are
+        reported here, before anything runs."""
+        return TextStream(self._run(self._request(prompt, **options)))
+
+    def _request(
+        self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
+        **sampling_options,
+    ) -> "Request":
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+        unknown = set(sampling_options) - set(names)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        base = self.defaults.sampling
+        sampling = SamplingParams(
+            **{n: getattr(base, n) if sampling_options.get(n) is None else sampling_options[n] for n in names}
+        )
+        max_new_tokens = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new_tokens < 1:
+            raise MinillmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        sampler = Sampler(sampling)  # validates the settings
+        ids = self.prompt_ids(prompt)
+        return Request(
+            ids=ids, sampler=sampler, stops=StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
+            max_new_tokens=min(max_new_tokens, self.config.context_length - len(ids)),
+        )
+
+    def _run(self, request: "Request") -> Iterator[str]:
+        ids, sampler, stops, max_new_tokens = request.ids, request.sampler, request.stops, request.max_new_tokens
+        eos = set(self.defaults.eos_token_ids)
+        detok = StreamDecoder(self.tokenizer)
+        seen = torch.tensor(ids, device=self.device)  # for the repetition penalty: prompt and output
+
+        start = time.perf_counter()
+        cache = KVCache(self.config, len(ids) + max_new_tokens, self.dtype, self.device)
+        logits = self._forward(ids, cache)
+        prefill_s = time.perf_counter() - start
+        generated: list[int] = []
+        finish_reason, ttft_s = "length", 0.0
+        while True:
+            token = sampler(logits, seen)
+            generated.append(token)
+            if len(generated) == 1:
+                ttft_s = time.perf_counter() - start
+            if token in eos:
+                finish_reason = "stop"
+                break
+            piece = stops.feed(detok.push(token))
+            if piece:
+                yield piece
+            if stops.stopped:
+                finish_reason = "stop"
+                break
+            if len(generated) == max_new_tokens:
+                break
+            seen = torch.cat((seen, torch.tensor([token], device=self.device)))
+            logits = self._forward([token], cache)
+        decode_s = time.perf_counter() - start - ttft_s
+        if not stops.stopped:
+            piece = stops.feed(detok.flush()) + stops.finish()
+            if piece:
+                yield piece
+        return Completion(
+            text=stops.text, token_ids=generated, prompt_tokens=len(ids), finish_reason=finish_reason,
+            prefill_s=prefill_s, ttft_s=ttft_s, decode_s=decode_s,
+        )
