@@ -72,6 +72,8 @@ class StopStrings:
 
     def feed(self, piece: str) -> str:
         """Add newly decoded text; return the part that is safe to show."""
+        if self.stopped:
+            return ""
         self.text += piece
         longest = max((len(s) for s in self.stops), default=0)
         search_from = max(0, self.shown - longest + 1)
@@ -172,7 +174,7 @@ class LLM:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
+        if not ids or prompt == "":  # "" alone may still encode to a BOS token
             raise MinillmError("the prompt is empty; give some text or token ids")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:

@@ -1,0 +1,76 @@
+"""Sampling processors against transformers' own, and seeded reproducibility."""
+
+import pytest
+import torch
+
+from minillm import MinillmError
+from minillm.sampling import Sampler, SamplingParams, min_p, repetition_penalty, top_k, top_p
+
+
+def random_logits(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 500, generator=g) * 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_processors_match_transformers(seed):
+    from transformers import generation as g
+
+    logits = random_logits(seed)
+    seen = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(seed))
+    ids = seen[None]
+    assert torch.equal(repetition_penalty(logits, seen, 1.3), g.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+    assert torch.equal(top_k(logits, 17), g.TopKLogitsWarper(17)(ids, logits.clone()))
+    for p in (0.1, 0.5, 0.9, 1.0):
+        assert torch.equal(top_p(logits, p), g.TopPLogitsWarper(p)(ids, logits.clone()))
+    for p in (0.01, 0.1, 0.5):
+        assert torch.equal(min_p(logits, p), g.MinPLogitsWarper(p)(ids, logits.clone()))
+    # The whole chain, in transformers' order.
+    chain = g.LogitsProcessorList([g.RepetitionPenaltyLogitsProcessor(1.2), g.TemperatureLogitsWarper(0.7),
+                                   g.TopKLogitsWarper(50), g.TopPLogitsWarper(0.9), g.MinPLogitsWarper(0.05)])
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    assert torch.equal(Sampler(params).process(logits, seen), chain(ids, logits.clone()))
+
+
+def test_greedy_is_argmax_and_same_seed_same_draws():
+    logits = random_logits(9)
+    seen = torch.tensor([1, 2])
+    assert Sampler(SamplingParams(temperature=0))(logits, seen) == int(logits.argmax())
+    params = SamplingParams(temperature=1.0, seed=42)
+    a, b = Sampler(params), Sampler(params)
+    draws = [a(logits, seen) for _ in range(20)]
+    assert draws == [b(logits, seen) for _ in range(20)]
+    assert len(set(draws)) > 1  # it really samples
+
+
+def test_seeded_generation_matches_transformers_sampling(checkpoint):
+    """Same seed, same processors, same draws: our sampled tokens equal transformers' generate()."""
+    from checkpoints import hf_model
+    from minillm import LLM
+
+    folder = checkpoint("llama")
+    ids = list(range(5, 25))
+    opts = dict(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        out = hf_model(folder).generate(torch.tensor([ids]), do_sample=True, max_new_tokens=24, min_new_tokens=24,
+                                        eos_token_id=None, pad_token_id=0, **opts)
+    llm = LLM.load(folder)
+    llm.defaults.eos_token_ids = []
+    assert llm.generate(ids, max_new_tokens=24, seed=123, **opts).token_ids == out[0, len(ids):].tolist()
+
+
+def test_same_seed_same_text_different_seed_differs(load):
+    llm = load("qwen2")
+    a = llm.generate("The quick", max_new_tokens=20, temperature=1.5, seed=7)
+    b = llm.generate("The quick", max_new_tokens=20, temperature=1.5, seed=7)
+    c = llm.generate("The quick", max_new_tokens=20, temperature=1.5, seed=8)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(min_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan"))])
+def test_invalid_settings_are_refused(bad):
+    with pytest.raises(MinillmError, match="invalid sampling setting"):
+        Sampler(SamplingParams(**bad))
