@@ -188,12 +188,14 @@ class LLM:
 
     # -- forward passes -------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
         ids = self.prompt_ids(list(token_ids))
         cache = KVCache(self.config, len(ids), self.dtype, self.device)
         return self.model(torch.tensor(ids, device=self.device), cache, all_logits=True).float()
 
+    @torch.inference_mode()
     def _forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Run ids after what the cache holds; the last position's logits [1, vocab] as float32."""
         return self.model(torch.tensor(ids, device=self.device), cache).float()

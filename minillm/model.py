@@ -134,12 +134,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Run tokens [T] (int64) that follow the cache's contents; append their keys/values to the cache.
 
         Returns logits [T, vocab] if all_logits, else only the last token's [1, vocab] (all that generation
-        needs, and it spares T-1 rows of the largest matrix product).
+        needs, and it spares T-1 rows of the largest matrix product). Differentiable: training calls it too;
+        the engine runs it under torch.inference_mode().
         """
         start, T = cache.length, tokens.shape[0]
         cache.reserve(start + T)
