@@ -21,10 +21,12 @@ from .errors import MinillmError
 from .kv_cache import KVCache
 from .loader import load_model, resolve_model_dir
 from .model import CausalLM
+from .radix_cache import PrefixMatch, RadixCache
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_PREFIX_CACHE_MB = 1024
 
 
 @dataclass
@@ -33,13 +35,15 @@ class Completion:
     token_ids: list[int]  # generated ids only (an EOS id that ended generation is included)
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens or context full)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    computed_tokens: int = 0  # prompt tokens prefilled by the model (prompt_tokens - cached_tokens)
     prefill_s: float = 0.0  # time of the prompt's forward pass
     ttft_s: float = 0.0  # time to first token: prefill plus choosing the token
     decode_s: float = 0.0  # time of every step after the first token
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        return self.computed_tokens / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -49,7 +53,8 @@ class Completion:
     def to_dict(self) -> dict:
         return {
             "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-            "finish_reason": self.finish_reason,
+            "finish_reason": self.finish_reason, "cached_tokens": self.cached_tokens,
+            "computed_tokens": self.computed_tokens, "ttft_s": self.ttft_s,
             "timings": {
                 "prefill_s": self.prefill_s, "ttft_s": self.ttft_s, "decode_s": self.decode_s,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
@@ -133,6 +138,7 @@ class Request:
     sampler: Sampler
     stops: StopStrings
     max_new_tokens: int  # already capped so prompt + output fits the context
+    use_prefix_cache: bool = True
 
 
 class TextStream:
@@ -147,18 +153,26 @@ class TextStream:
 
 
 class LLM:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.device = device
         self.dtype = model.lm_head.weight.dtype
+        per_token = KVCache(self.config, 0, self.dtype, "meta").bytes_per_token()
+        self.prefix_cache = RadixCache(max_tokens=int(prefix_cache_mb * 2**20) // per_token)
+        # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
+        # KV computed for a prefix is not what a longer request would compute: never reuse it.
+        self.prefix_cache_usable = self.config.rope.type != "dynamic"
 
     @classmethod
-    def load(cls, model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> "LLM":
+    def load(cls, model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
+             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> "LLM":
         """model: a checkpoint folder, or a Hugging Face Hub id. dtype: None keeps the checkpoint's own;
-        "float32", "bfloat16" or "float16" converts the weights as they load."""
+        "float32", "bfloat16" or "float16" converts the weights as they load. prefix_cache_mb: memory the
+        prefix cache may hold KV in (least recently used entries are evicted beyond it)."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -167,7 +181,7 @@ class LLM:
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
         network = load_model(folder, config, dtype, device)
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device)
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, prefix_cache_mb)
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -204,8 +218,8 @@ class LLM:
 
     def generate(self, prompt: str | list[int], **options) -> Completion:
         """Generate a completion. Options: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop (a string or list of strings). Unset options take the checkpoint's
-        generation_config.json defaults; temperature 0 is greedy."""
+        repetition_penalty, seed, stop (a string or list of strings), use_prefix_cache (default True).
+        Unset options take the checkpoint's generation_config.json defaults; temperature 0 is greedy."""
         stream = self.stream(prompt, **options)
         for _ in stream:
             pass
@@ -218,7 +232,7 @@ class LLM:
 
     def _request(
         self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
-        **sampling_options,
+        use_prefix_cache: bool = True, **sampling_options,
     ) -> "Request":
         names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
         unknown = set(sampling_options) - set(names)
@@ -236,44 +250,64 @@ class LLM:
         return Request(
             ids=ids, sampler=sampler, stops=StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
             max_new_tokens=min(max_new_tokens, self.config.context_length - len(ids)),
+            use_prefix_cache=use_prefix_cache,
         )
+
+    def _prefill(self, ids: list[int], kv: KVCache, use_prefix_cache: bool) -> tuple[torch.Tensor, PrefixMatch | None]:
+        """Fill kv for the prompt and return the last token's logits. With the prefix cache, the longest
+        cached prefix is copied in and locked, and only the rest of the prompt runs through the model."""
+        match = None
+        if use_prefix_cache:
+            match = self.prefix_cache.match_prefix(ids)
+            self.prefix_cache.lock(match.node)
+            match.copy_into(kv.keys, kv.values)
+            kv.advance(match.length)
+        return self._forward(ids[kv.length :], kv), match
 
     def _run(self, request: "Request") -> Iterator[str]:
         ids, sampler, stops, max_new_tokens = request.ids, request.sampler, request.stops, request.max_new_tokens
         eos = set(self.defaults.eos_token_ids)
         detok = StreamDecoder(self.tokenizer)
         seen = torch.tensor(ids, device=self.device)  # for the repetition penalty: prompt and output
+        use_prefix_cache = request.use_prefix_cache and self.prefix_cache_usable
 
         start = time.perf_counter()
-        cache = KVCache(self.config, len(ids) + max_new_tokens, self.dtype, self.device)
-        logits = self._forward(ids, cache)
-        prefill_s = time.perf_counter() - start
+        kv = KVCache(self.config, len(ids) + max_new_tokens, self.dtype, self.device)
         generated: list[int] = []
-        finish_reason, ttft_s = "length", 0.0
-        while True:
-            token = sampler(logits, seen)
-            generated.append(token)
-            if len(generated) == 1:
-                ttft_s = time.perf_counter() - start
-            if token in eos:
-                finish_reason = "stop"
-                break
-            piece = stops.feed(detok.push(token))
-            if piece:
-                yield piece
-            if stops.stopped:
-                finish_reason = "stop"
-                break
-            if len(generated) == max_new_tokens:
-                break
-            seen = torch.cat((seen, torch.tensor([token], device=self.device)))
-            logits = self._forward([token], cache)
-        decode_s = time.perf_counter() - start - ttft_s
-        if not stops.stopped:
-            piece = stops.feed(detok.flush()) + stops.finish()
-            if piece:
-                yield piece
+        logits, match = self._prefill(ids, kv, use_prefix_cache)
+        try:
+            prefill_s = time.perf_counter() - start
+            finish_reason, ttft_s = "length", 0.0
+            while True:
+                token = sampler(logits, seen)
+                generated.append(token)
+                if len(generated) == 1:
+                    ttft_s = time.perf_counter() - start
+                if token in eos:
+                    finish_reason = "stop"
+                    break
+                piece = stops.feed(detok.push(token))
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    finish_reason = "stop"
+                    break
+                if len(generated) == max_new_tokens:
+                    break
+                seen = torch.cat((seen, torch.tensor([token], device=self.device)))
+                logits = self._forward([token], kv)
+            decode_s = time.perf_counter() - start - ttft_s
+            if not stops.stopped:
+                piece = stops.feed(detok.flush()) + stops.finish()
+                if piece:
+                    yield piece
+        finally:  # also when the caller abandons the stream: keep what was computed, release the lock
+            if match is not None:
+                # The KV covers the prompt and every generated token but the last (never fed back).
+                self.prefix_cache.insert((ids + generated)[: kv.length], kv.keys, kv.values)
+                self.prefix_cache.unlock(match.node)
         return Completion(
             text=stops.text, token_ids=generated, prompt_tokens=len(ids), finish_reason=finish_reason,
+            cached_tokens=match.length if match else 0, computed_tokens=len(ids) - (match.length if match else 0),
             prefill_s=prefill_s, ttft_s=ttft_s, decode_s=decode_s,
         )
