@@ -1,18 +1,22 @@
-"""python -m minillm generate: text streams to stdout, timings go to stderr, errors are one line (exit 2)."""
+"""python -m minillm generate | chat: text streams to stdout, statistics go to stderr, and a problem with
+the input is one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import MinillmError
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", required=True, help="checkpoint folder or Hugging Face Hub id")
+    parser.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
+    parser.add_argument("--cache-mb", type=float, default=1024, help="memory for the prefix cache's KV (default 1024)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +34,18 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete one or more prompts")
-    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (several: one after another)")
+    gen = commands.add_parser("generate", help="complete one or more prompts (they share the prefix cache)")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several run one after another")
+    gen.add_argument("--prompts-file", type=Path, help="one prompt per line, or JSONL with a 'prompt' field")
     _add_model_options(gen)
     _add_sampling_options(gen)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     gen.add_argument("--system", help="system message for --chat (implies --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    chat = commands.add_parser("chat", help="multi-turn chat; each turn reuses the conversation's KV")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", help="system message")
     return parser
 
 
@@ -44,46 +53,120 @@ def _options(args) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        use_prefix_cache=not args.no_prefix_cache,
     )
 
 
-def _prompt(llm, text: str, args) -> str | list[int]:
-    if not (args.chat or args.system is not None):
-        return text
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+def _load(args):
+    from .engine import LLM
+
+    if not args.model:
+        raise MinillmError("no model given; pass --model with a checkpoint folder or Hub id")
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Plain text: one prompt per non-empty line. JSONL (every line a JSON object): its "prompt" field."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise MinillmError(f"cannot read prompts file {path} ({e.strerror})") from None
+    if lines and all(line.lstrip().startswith("{") for line in lines):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MinillmError(f"{path} line {number}: expected a JSON object with a 'prompt' field") from None
+        return prompts
+    return lines
+
+
+def _stats_line(c, index: int) -> str:
+    return (f"[{index}: {c.prompt_tokens} prompt tokens ({c.cached_tokens} cached, {c.computed_tokens} computed), "
+            f"ttft {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, {len(c.token_ids)} new tokens, "
+            f"decode {c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]")
+
+
+def _summary(completions) -> str:
+    """Hit rate over all prompt tokens, and the prefill time the hits saved, estimated at the prefill speed
+    measured on the tokens that were computed."""
+    cached = sum(c.cached_tokens for c in completions)
+    computed = sum(c.computed_tokens for c in completions)
+    seconds = sum(c.prefill_s for c in completions)
+    saved = cached * seconds / computed if computed else 0.0
+    rate = cached / (cached + computed) if cached + computed else 0.0
+    return (f"[prefix cache: {len(completions)} prompts, hit rate {rate:.1%}, {cached} of {cached + computed} "
+            f"prompt tokens reused, about {saved:.2f} s of prefill saved]")
+
+
+def _chat_prompt(llm, text: str, system: str | None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return llm.tokenizer.encode_chat(messages)
 
 
 def generate(args) -> int:
-    from .engine import LLM
-
-    if not args.prompts:
-        raise MinillmError("no prompt given; pass the prompt text as an argument")
-    llm = LLM.load(args.model, dtype=args.dtype, device=args.device)
-    for text in args.prompts:
-        stream = llm.stream(_prompt(llm, text, args), **_options(args))
+    prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise MinillmError("no prompt given; pass the prompt text as an argument or use --prompts-file")
+    llm = _load(args)
+    completions = []
+    for index, text in enumerate(prompts, 1):
+        prompt = _chat_prompt(llm, text, args.system) if args.chat or args.system is not None else text
+        stream = llm.stream(prompt, **_options(args))
+        for piece in stream:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        c = stream.completion
+        completions.append(c)
         if args.json:
-            for _ in stream:
-                pass
-            print(json.dumps(stream.completion.to_dict(), ensure_ascii=False), flush=True)
+            print(json.dumps(c.to_dict(), ensure_ascii=False), flush=True)
+        else:
+            sys.stdout.write("\n")
+            print(_stats_line(c, index), file=sys.stderr, flush=True)
+    if len(completions) > 1 and not args.no_prefix_cache:
+        print(_summary(completions), file=sys.stderr, flush=True)
+    return 0
+
+
+def chat(args) -> int:
+    """A terminal chat. The whole conversation is re-rendered with the chat template every turn; the prefix
+    cache finds everything up to the new message already computed, so only the new turn is prefilled."""
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    print("minillm chat: Ctrl-D or /exit to leave", file=sys.stderr)
+    completions = []
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if not line.strip():
             continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stream = llm.stream(llm.tokenizer.encode_chat(messages), **_options(args))
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         c = stream.completion
-        print(
-            f"[{c.prompt_tokens} prompt tokens, prefill {c.prefill_tok_s:.1f} tok/s, "
-            f"{len(c.token_ids)} new tokens, decode {c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]",
-            file=sys.stderr, flush=True,
-        )
+        completions.append(c)
+        messages.append({"role": "assistant", "content": c.text})
+        print(f"[turn {len(completions)}: reused {c.cached_tokens} of {c.prompt_tokens} prompt tokens, "
+              f"ttft {c.ttft_s * 1000:.0f} ms, decode {c.decode_tok_s:.1f} tok/s]", file=sys.stderr, flush=True)
+    if completions:
+        print(_summary(completions), file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return generate(args)
+        return {"generate": generate, "chat": chat}[args.command](args)
     except MinillmError as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from . import exact as exact_mode
 from .config import DTYPES, ModelConfig, load_config
 from .errors import MinillmError
 from .kv_cache import KVCache
@@ -40,6 +41,7 @@ class Completion:
     prefill_s: float = 0.0  # time of the prompt's forward pass
     ttft_s: float = 0.0  # time to first token: prefill plus choosing the token
     decode_s: float = 0.0  # time of every step after the first token
+    logits: torch.Tensor | None = None  # [new tokens, vocab] float32 raw logits of each step, if asked for
 
     @property
     def prefill_tok_s(self) -> float:
@@ -139,6 +141,7 @@ class Request:
     stops: StopStrings
     max_new_tokens: int  # already capped so prompt + output fits the context
     use_prefix_cache: bool = True
+    return_logits: bool = False
 
 
 class TextStream:
@@ -154,8 +157,11 @@ class TextStream:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, exact: bool = False,
+                 exact_chunk: int = exact_mode.DEFAULT_CHUNK):
         self.model = model
+        self.exact = exact  # see exact.py: cache hits bitwise equal to cold runs
+        self.exact_chunk = exact_chunk
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -169,10 +175,11 @@ class LLM:
 
     @classmethod
     def load(cls, model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
-             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> "LLM":
+             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, exact: bool = False) -> "LLM":
         """model: a checkpoint folder, or a Hugging Face Hub id. dtype: None keeps the checkpoint's own;
         "float32", "bfloat16" or "float16" converts the weights as they load. prefix_cache_mb: memory the
-        prefix cache may hold KV in (least recently used entries are evicted beyond it)."""
+        prefix cache may hold KV in (least recently used entries are evicted beyond it). exact: run in
+        exact mode (exact.py), where a cache hit gives bitwise the logits of a cold run."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -181,7 +188,7 @@ class LLM:
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
         network = load_model(folder, config, dtype, device)
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, prefix_cache_mb)
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, prefix_cache_mb, exact)
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class LLM:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
         ids = self.prompt_ids(list(token_ids))
         cache = KVCache(self.config, len(ids), self.dtype, self.device)
-        return self.model(torch.tensor(ids, device=self.device), cache, all_logits=True).float()
+        return self.model(torch.tensor(ids, device=self.device), cache, logit_rows=slice(None)).float()
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
@@ -218,7 +225,8 @@ class LLM:
 
     def generate(self, prompt: str | list[int], **options) -> Completion:
         """Generate a completion. Options: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop (a string or list of strings), use_prefix_cache (default True).
+        repetition_penalty, seed, stop (a string or list of strings), use_prefix_cache (default True),
+        return_logits (keep each step's raw logits in Completion.logits).
         Unset options take the checkpoint's generation_config.json defaults; temperature 0 is greedy."""
         stream = self.stream(prompt, **options)
         for _ in stream:
@@ -232,7 +240,7 @@ class LLM:
 
     def _request(
         self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
-        use_prefix_cache: bool = True, **sampling_options,
+        use_prefix_cache: bool = True, return_logits: bool = False, **sampling_options,
     ) -> "Request":
         names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
         unknown = set(sampling_options) - set(names)
@@ -250,19 +258,24 @@ class LLM:
         return Request(
             ids=ids, sampler=sampler, stops=StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
             max_new_tokens=min(max_new_tokens, self.config.context_length - len(ids)),
-            use_prefix_cache=use_prefix_cache,
+            use_prefix_cache=use_prefix_cache, return_logits=return_logits,
         )
 
-    def _prefill(self, ids: list[int], kv: KVCache, use_prefix_cache: bool) -> tuple[torch.Tensor, PrefixMatch | None]:
-        """Fill kv for the prompt and return the last token's logits. With the prefix cache, the longest
-        cached prefix is copied in and locked, and only the rest of the prompt runs through the model."""
+    def _prefill(self, ids: list[int], kv: KVCache, use_prefix_cache: bool) -> tuple[torch.Tensor, PrefixMatch | None, int]:
+        """Fill kv for the prompt; return the last token's logits, the cache match (locked; None without the
+        cache) and how many tokens were reused. The longest cached prefix (whole chunks of it in exact mode)
+        is copied in, and only the rest of the prompt runs through the model."""
         match = None
         if use_prefix_cache:
             match = self.prefix_cache.match_prefix(ids)
             self.prefix_cache.lock(match.node)
-            match.copy_into(kv.keys, kv.values)
-            kv.advance(match.length)
-        return self._forward(ids[kv.length :], kv), match
+            reuse = exact_mode.reusable(match.length, self.exact_chunk) if self.exact else match.length
+            match.copy_into(kv.keys, kv.values, reuse)
+            kv.advance(reuse)
+        reused = kv.length
+        if self.exact:
+            return exact_mode.chunked_prefill(self.model, ids, kv, self.exact_chunk).float(), match, reused
+        return self._forward(ids[reused:], kv), match, reused
 
     def _run(self, request: "Request") -> Iterator[str]:
         ids, sampler, stops, max_new_tokens = request.ids, request.sampler, request.stops, request.max_new_tokens
@@ -272,13 +285,20 @@ class LLM:
         use_prefix_cache = request.use_prefix_cache and self.prefix_cache_usable
 
         start = time.perf_counter()
-        kv = KVCache(self.config, len(ids) + max_new_tokens, self.dtype, self.device)
+        capacity = len(ids) + max_new_tokens
+        if self.exact:  # room for the last chunk's padding
+            capacity = max(capacity, -(-len(ids) // self.exact_chunk) * self.exact_chunk)
+        kv = KVCache(self.config, capacity, self.dtype, self.device)
         generated: list[int] = []
-        logits, match = self._prefill(ids, kv, use_prefix_cache)
+        step_logits: list[torch.Tensor] = []
+        with torch.inference_mode():
+            logits, match, cached = self._prefill(ids, kv, use_prefix_cache)
         try:
             prefill_s = time.perf_counter() - start
             finish_reason, ttft_s = "length", 0.0
             while True:
+                if request.return_logits:
+                    step_logits.append(logits)
                 token = sampler(logits, seen)
                 generated.append(token)
                 if len(generated) == 1:
@@ -303,11 +323,14 @@ class LLM:
                     yield piece
         finally:  # also when the caller abandons the stream: keep what was computed, release the lock
             if match is not None:
-                # The KV covers the prompt and every generated token but the last (never fed back).
-                self.prefix_cache.insert((ids + generated)[: kv.length], kv.keys, kv.values)
+                # The KV covers the prompt and every generated token but the last (never fed back). Exact
+                # mode keeps only the prompt's: decode computes with other shapes than prefill.
+                tokens = ids if self.exact else (ids + generated)[: kv.length]
+                with torch.inference_mode():
+                    self.prefix_cache.insert(tokens, kv.keys, kv.values)
                 self.prefix_cache.unlock(match.node)
         return Completion(
             text=stops.text, token_ids=generated, prompt_tokens=len(ids), finish_reason=finish_reason,
-            cached_tokens=match.length if match else 0, computed_tokens=len(ids) - (match.length if match else 0),
-            prefill_s=prefill_s, ttft_s=ttft_s, decode_s=decode_s,
+            cached_tokens=cached, computed_tokens=len(ids) - cached, prefill_s=prefill_s, ttft_s=ttft_s,
+            decode_s=decode_s, logits=torch.cat(step_logits) if request.return_logits else None,
         )

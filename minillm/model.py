@@ -134,12 +134,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logit_rows: slice = slice(-1, None)) -> torch.Tensor:
         """Run tokens [T] (int64) that follow the cache's contents; append their keys/values to the cache.
 
-        Returns logits [T, vocab] if all_logits, else only the last token's [1, vocab] (all that generation
-        needs, and it spares T-1 rows of the largest matrix product). Differentiable: training calls it too;
-        the engine runs it under torch.inference_mode().
+        Returns the logits [rows, vocab] of the rows picked by logit_rows: by default only the last token's
+        (all that generation needs, and it spares T-1 rows of the largest matrix product); slice(None) for
+        every row. Differentiable: training calls it too; the engine runs it under torch.inference_mode().
         """
         start, T = cache.length, tokens.shape[0]
         cache.reserve(start + T)
@@ -150,6 +150,4 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, masks)
         cache.advance(T)
-        if not all_logits:
-            x = x[-1:]
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x[logit_rows]))

@@ -48,6 +48,13 @@ def _common_length(edge: tuple[int, ...], tokens: tuple[int, ...]) -> int:
     return i
 
 
+def _poison(*tensors: torch.Tensor) -> None:
+    """Debug mode: overwrite freed KV with NaN, so a use after free cannot go unnoticed."""
+    with torch.inference_mode():  # the engine's KV may be inference tensors
+        for t in tensors:
+            t.fill_(float("nan"))
+
+
 class Node:
     def __init__(self, tokens: tuple[int, ...], keys, values, parent: "Node | None"):
         self.tokens = tokens  # the edge: tokens this node adds to its parent's prefix
@@ -73,13 +80,17 @@ class PrefixMatch:
     node: Node  # the node where the matched path ends (the root when nothing matched)
     path: list[Node] = field(default_factory=list)  # root's children down to node
 
-    def copy_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy the matched KV into request buffers [layers, kv_heads, capacity, head_dim] at 0..length."""
+    def copy_into(self, keys: torch.Tensor, values: torch.Tensor, length: int | None = None) -> None:
+        """Copy the first `length` (default: all) matched tokens' KV into request buffers
+        [layers, kv_heads, capacity, head_dim], at positions 0..length-1."""
+        length = self.length if length is None else length
         at = 0
         for node in self.path:
-            n = len(node.tokens)
-            keys[:, :, at : at + n] = node.keys
-            values[:, :, at : at + n] = node.values
+            n = min(len(node.tokens), length - at)
+            if n <= 0:
+                break
+            keys[:, :, at : at + n] = node.keys[:, :, :n]
+            values[:, :, at : at + n] = node.values[:, :, :n]
             at += n
 
 
@@ -150,8 +161,7 @@ class RadixCache:
         node.tokens, node.parent = node.tokens[at:], head
         node.keys, node.values = old_keys[:, :, at:].clone(), old_values[:, :, at:].clone()
         if self.poison_evicted:
-            old_keys.fill_(float("nan"))
-            old_values.fill_(float("nan"))
+            _poison(old_keys, old_values)
         return head
 
     # -- insertion ------------------------------------------------------------------------------------
@@ -219,8 +229,7 @@ class RadixCache:
         self.total_tokens -= len(node.tokens)
         self.total_bytes -= node.nbytes
         if self.poison_evicted:
-            node.keys.fill_(float("nan"))
-            node.values.fill_(float("nan"))
+            _poison(node.keys, node.values)
         node.keys = node.values = None
         node.parent = None
         node.evicted = True

@@ -58,3 +58,49 @@ def test_package_imports_without_test_libraries():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_several_prompts_share_the_cache_and_report_it(checkpoint, tmp_path, capsys):
+    folder = checkpoint("llama")
+    doc = "The quick brown fox jumps over the lazy dog. " * 4
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": doc + q}) for q in ["Who?", "Why?", "When?"]) + "\n")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--json", "-n", "3", "-t", "0", "--prompts-file", str(prompts)]) == 0
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 3
+    assert records[0]["cached_tokens"] == 0
+    for r in records[1:]:
+        assert r["cached_tokens"] > 30 and r["cached_tokens"] + r["computed_tokens"] == r["prompt_tokens"]
+        assert r["ttft_s"] > 0
+    assert "hit rate" in err and "prefill saved" in err
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text(f"{doc}Who?\n\n{doc}Why?\n")
+    assert main(["generate", "--model", str(folder), "-n", "2", "--no-prefix-cache", "--prompts-file", str(text_file)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("(0 cached,") == 2 and "hit rate" not in err
+
+
+def test_bad_prompts_file(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    capsys.readouterr()
+    assert main(["generate", "--model", str(checkpoint("llama")), "--prompts-file", str(bad)]) == 2
+    assert "line 2: expected a JSON object with a 'prompt' field" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint("llama")), "--prompts-file", str(tmp_path / "none")]) == 2
+    assert "cannot read prompts file" in capsys.readouterr().err
+
+
+def test_chat_reuses_the_conversation_each_turn(checkpoint, monkeypatch, capsys):
+    import io
+
+    folder = checkpoint("qwen2")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand a second question\n\nthird\n/exit\nnever read\n"))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(folder), "--system", "Be brief.", "-n", "8", "-t", "0"]) == 0
+    out, err = capsys.readouterr()
+    turns = [line for line in err.splitlines() if line.startswith("[turn")]
+    assert len(turns) == 3
+    reused = [int(t.split("reused ")[1].split(" ")[0]) for t in turns]
+    assert reused[0] == 0 and reused[1] > 10 and reused[2] > reused[1]

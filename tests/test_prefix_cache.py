@@ -38,7 +38,7 @@ def test_cache_hit_logits_equal_cold_logits(load, family, options, prompt, data)
         llm.generate(other, max_new_tokens=2, temperature=0)
     llm.generate(prompt[:split], max_new_tokens=1, temperature=0)  # caches the first `split` tokens
     kv = KVCache(llm.config, len(prompt), llm.dtype)
-    logits, match = llm._prefill(prompt, kv, use_prefix_cache=True)
+    logits, match, _ = llm._prefill(prompt, kv, use_prefix_cache=True)
     llm.prefix_cache.unlock(match.node)
     assert split <= match.length <= len(prompt) - 1
     torch.testing.assert_close(logits[0], llm.logits(prompt)[-1], atol=1e-5, rtol=0)

@@ -116,7 +116,7 @@ class WindowOnly:
 
 def sequence_loss(model: CausalLM, window: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of one window [seq_len + 1]."""
-    logits = model(window[:-1], WindowOnly(), all_logits=True)
+    logits = model(window[:-1], WindowOnly(), logit_rows=slice(None))
     return F.cross_entropy(logits, window[1:])
 
 

@@ -1,0 +1,93 @@
+"""Exact mode: with the prefix cache on or off, logits are bitwise equal (torch.equal, no tolerance)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minillm import LLM
+from minillm.radix_cache import RadixCache
+
+CHUNK = 16  # small chunks, so short prompts span several
+FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", dict(sliding_window=12))]
+DTYPES = [torch.float32, torch.bfloat16]
+PROPERTY = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+prompts = st.lists(st.integers(2, 299), min_size=2, max_size=70)
+_loaded = {}
+
+
+@pytest.fixture
+def exact_llm(checkpoint):
+    def get(family, options, dtype):
+        key = (family, str(options), dtype)
+        if key not in _loaded:
+            llm = LLM.load(checkpoint(family, **options), dtype=dtype, exact=True)
+            llm.exact_chunk = CHUNK
+            llm.defaults.eos_token_ids = []  # run every step
+            _loaded[key] = llm
+        return _loaded[key]
+
+    return get
+
+
+def run(llm, prompt, cache, **sampling):
+    return llm.generate(prompt, max_new_tokens=6, use_prefix_cache=cache, return_logits=True, **sampling)
+
+
+def assert_bitwise_same(a, b):
+    assert torch.equal(a.logits[0], b.logits[0]), "last prompt token's logits differ"
+    assert torch.equal(a.logits, b.logits), "decode-step logits differ"
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family,options", FAMILIES, ids=[f[0] for f in FAMILIES])
+@PROPERTY
+@given(prompt=prompts, data=st.data())
+def test_cache_on_and_off_bitwise_equal(exact_llm, family, options, dtype, prompt, data):
+    llm = exact_llm(family, options, dtype)
+    budget = data.draw(st.sampled_from([100_000, 40]), label="cache budget (tokens)")
+    llm.prefix_cache = RadixCache(max_tokens=budget, poison_evicted=True)
+    for _ in range(data.draw(st.integers(0, 3), label="earlier requests")):
+        cut = data.draw(st.integers(1, len(prompt)), label="shared length")
+        tail = data.draw(st.lists(st.integers(2, 299), max_size=20), label="other tail")
+        llm.generate(prompt[:cut] + tail, max_new_tokens=3, temperature=1.0, seed=data.draw(st.integers(0, 9)))
+    cold = run(llm, prompt, cache=False, temperature=0)
+    warm = run(llm, prompt, cache=True, temperature=0)
+    assert_bitwise_same(cold, warm)
+    hot = run(llm, prompt, cache=True, temperature=0)  # the prompt itself is cached now
+    if budget == 100_000:
+        assert hot.cached_tokens == (len(prompt) - 1) // CHUNK * CHUNK
+    assert_bitwise_same(cold, hot)
+    seed = data.draw(st.integers(0, 2**32), label="seed")
+    sampled = [run(llm, prompt, cache=c, temperature=0.9, top_p=0.9, seed=seed) for c in (False, True)]
+    assert_bitwise_same(*sampled)
+    llm.prefix_cache.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(base=prompts, tails=st.lists(st.lists(st.integers(2, 299), min_size=1, max_size=30), min_size=2, max_size=4),
+       order=st.randoms(use_true_random=False))
+def test_same_prompts_in_any_order_give_the_same_bits(exact_llm, dtype, base, tails, order):
+    llm = exact_llm("qwen2", {}, dtype)
+    requests = [base + t for t in tails]
+    llm.prefix_cache = RadixCache(max_tokens=100_000)
+    cold = [run(llm, p, cache=False, temperature=0) for p in requests]
+    shuffled = list(range(len(requests)))
+    order.shuffle(shuffled)
+    for i in shuffled:
+        assert_bitwise_same(cold[i], run(llm, requests[i], cache=True, temperature=0))
+    assert llm.prefix_cache.stats.hit_tokens > 0 or len(base) < CHUNK
+
+
+def test_reuse_is_in_whole_chunks_and_decode_kv_is_not_cached(exact_llm):
+    llm = exact_llm("llama", {}, torch.float32)
+    llm.prefix_cache = RadixCache(max_tokens=100_000)
+    prompt = list(range(2, 52))  # 50 tokens
+    first = run(llm, prompt, cache=True, temperature=0)
+    assert first.cached_tokens == 0
+    assert llm.prefix_cache.total_tokens == 50  # the prompt only: no decode-step KV
+    longer = run(llm, prompt + first.token_ids + [9, 9], cache=True, temperature=0)
+    assert longer.cached_tokens == 48  # 50 cached tokens, rounded down to whole 16-token chunks
