@@ -12,11 +12,13 @@ from .errors import MinillmError
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id")
+    parser.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
     parser.add_argument("--cache-mb", type=float, default=1024, help="memory for the prefix cache's KV (default 1024)")
+    parser.add_argument("--exact", action="store_true",
+                        help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +62,7 @@ def _options(args) -> dict:
 def _load(args):
     from .engine import LLM
 
-    if not args.model:
-        raise MinillmError("no model given; pass --model with a checkpoint folder or Hub id")
-    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb)
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb, exact=args.exact)
 
 
 def read_prompts_file(path: Path) -> list[str]:

@@ -24,10 +24,11 @@ from .loader import load_model, resolve_model_dir
 from .model import CausalLM
 from .radix_cache import PrefixMatch, RadixCache
 from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StopStrings, StreamDecoder, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_PREFIX_CACHE_MB = 1024
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "weights"  # a repository checkout's weights/
 
 
 @dataclass
@@ -62,41 +63,6 @@ class Completion:
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
             },
         }
-
-
-class StopStrings:
-    """Cuts the output at the first stop string, and holds back text that might be the start of one.
-
-    A stop string can span several tokens ("\\n\\nUser:" may arrive as "\\n", "\\nUser", ":"), so the text is
-    searched as a whole, and a tail that could still grow into a stop string is not shown until it can't.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""  # everything decoded so far
-        self.shown = 0  # characters of `text` already released
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """Add newly decoded text; return the part that is safe to show."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        longest = max((len(s) for s in self.stops), default=0)
-        search_from = max(0, self.shown - longest + 1)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            return self._release(len(self.text))
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self._release(len(self.text) - held)
-
-    def finish(self) -> str:
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
-        return piece
 
 
 @dataclass
@@ -174,9 +140,10 @@ class LLM:
         self.prefix_cache_usable = self.config.rope.type != "dynamic"
 
     @classmethod
-    def load(cls, model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu",
+    def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
              prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, exact: bool = False) -> "LLM":
-        """model: a checkpoint folder, or a Hugging Face Hub id. dtype: None keeps the checkpoint's own;
+        """model: a checkpoint folder, or a Hugging Face Hub id; None: the small model bundled in the
+        repository's weights/ folder. dtype: None keeps the checkpoint's own;
         "float32", "bfloat16" or "float16" converts the weights as they load. prefix_cache_mb: memory the
         prefix cache may hold KV in (least recently used entries are evicted beyond it). exact: run in
         exact mode (exact.py), where a cache hit gives bitwise the logits of a cold run."""
@@ -184,6 +151,10 @@ class LLM:
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
+        if model is None:
+            if not (BUNDLED_MODEL / "config.json").is_file():
+                raise MinillmError(f"no model given and the bundled model is missing from {BUNDLED_MODEL}; pass --model")
+            model = BUNDLED_MODEL
         folder = resolve_model_dir(str(model))
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
@@ -267,11 +238,10 @@ class LLM:
         is copied in, and only the rest of the prompt runs through the model."""
         match = None
         if use_prefix_cache:
-            match = self.prefix_cache.match_prefix(ids)
+            match = self.prefix_cache.match_prefix(ids, align=self.exact_chunk if self.exact else 1)
             self.prefix_cache.lock(match.node)
-            reuse = exact_mode.reusable(match.length, self.exact_chunk) if self.exact else match.length
-            match.copy_into(kv.keys, kv.values, reuse)
-            kv.advance(reuse)
+            match.copy_into(kv.keys, kv.values)
+            kv.advance(match.length)
         reused = kv.length
         if self.exact:
             return exact_mode.chunked_prefill(self.model, ids, kv, self.exact_chunk).float(), match, reused

@@ -35,11 +35,6 @@ from .model import CausalLM
 DEFAULT_CHUNK = 64
 
 
-def reusable(matched: int, chunk: int) -> int:
-    """Cached tokens exact mode may reuse: whole chunks only."""
-    return matched // chunk * chunk
-
-
 def chunked_prefill(model: CausalLM, ids: list[int], kv: KVCache, chunk: int) -> torch.Tensor:
     """Prefill ids[kv.length:] chunk by chunk (kv.length must be a multiple of chunk); return the logits
     [1, vocab] of the last prompt token."""

@@ -77,14 +77,13 @@ class Node:
 @dataclass
 class PrefixMatch:
     length: int  # tokens matched
-    node: Node  # the node where the matched path ends (the root when nothing matched)
-    path: list[Node] = field(default_factory=list)  # root's children down to node
+    node: Node  # the node where the matched path ends (the root when nothing matched); lock this one
+    path: list[Node] = field(default_factory=list)  # root's children down to node (may reach past length)
 
-    def copy_into(self, keys: torch.Tensor, values: torch.Tensor, length: int | None = None) -> None:
-        """Copy the first `length` (default: all) matched tokens' KV into request buffers
-        [layers, kv_heads, capacity, head_dim], at positions 0..length-1."""
-        length = self.length if length is None else length
-        at = 0
+    def copy_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy the matched tokens' KV into request buffers [layers, kv_heads, capacity, head_dim], at
+        positions 0..length-1."""
+        length, at = self.length, 0
         for node in self.path:
             n = min(len(node.tokens), length - at)
             if n <= 0:
@@ -126,9 +125,10 @@ class RadixCache:
 
     # -- lookup ---------------------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: list[int]) -> PrefixMatch:
+    def match_prefix(self, tokens: list[int], align: int = 1) -> PrefixMatch:
         """The longest cached prefix of tokens, leaving at least the last token to compute: the request needs
-        that token's logits, which the cache does not keep. Splits a node if the match ends inside its edge."""
+        that token's logits, which the cache does not keep. Splits a node if the match ends inside its edge.
+        align: report only a multiple of this many tokens as matched (exact mode reuses whole chunks)."""
         tokens = tuple(tokens)
         limit = len(tokens) - 1
         node, matched, path = self.root, 0, []
@@ -144,6 +144,7 @@ class RadixCache:
             node, matched = child, matched + common
             if common < len(edge):
                 break
+        matched = matched // align * align
         self.stats.lookups += 1
         self.stats.hit_tokens += matched
         self.stats.computed_tokens += len(tokens) - matched

@@ -1,4 +1,5 @@
-"""Text <-> token ids with the checkpoint's own tokenizer.json, its chat template, and streaming decode.
+"""Text <-> token ids with the checkpoint's own tokenizer.json, its chat template, streaming decode and
+stop strings.
 
 Special tokens are added exactly as the checkpoint says: tokenizer.json's post-processor adds a BOS token
 for models that want one (Llama) and none for those that do not (Qwen). A chat template already writes
@@ -135,3 +136,38 @@ class StreamDecoder:
         window = self.tokenizer.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return window[len(emitted) :]
+
+
+class StopStrings:
+    """Cuts the output at the first stop string, and holds back text that might be the start of one.
+
+    A stop string can span several tokens ("\\n\\nUser:" may arrive as "\\n", "\\nUser", ":"), so the text is
+    searched as a whole, and a tail that could still grow into a stop string is not shown until it can't.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self.shown = 0  # characters of `text` already released
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add newly decoded text; return the part that is safe to show."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        longest = max((len(s) for s in self.stops), default=0)
+        search_from = max(0, self.shown - longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self._release(len(self.text))
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - held)
+
+    def finish(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from minillm import LLM
-from minillm.engine import StopStrings
-from minillm.tokenizer import StreamDecoder, Tokenizer
+from minillm.tokenizer import StopStrings, StreamDecoder, Tokenizer
 
 QWEN3_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "qwen3"
 

@@ -11,6 +11,8 @@ Workloads (prompts are token ids: random weights make the text meaningless, and 
               document) and order B (shuffled), cache on vs off, 16 new tokens per answer
   shared      SGLang-style generated shared prefix: G groups x P prompts, long shared prefix, short question
   chat        multi-turn chat: each turn's prompt is the whole conversation so far
+  exact       exact mode against fast mode: cold prefill time (512 and 2,048 tokens), decode speed, and
+              warm vs cold time to first token on a 2,048-token cached prefix
 Cache on and off run interleaved in one process, so the ratios compare like with like on a noisy machine.
 """
 
@@ -173,6 +175,36 @@ def bench_chat(llm: LLM, rng: random.Random, turns: int, system_len: int, user_l
             "per_turn": rows}
 
 
+def bench_exact(fast: LLM, rng: random.Random, lengths: list[int], prefix_len: int, repeats: int) -> dict:
+    """Same weights, two engines: fast mode and exact mode (chunked prefill), interleaved."""
+    exact = LLM(fast.model, fast.tokenizer, fast.defaults, fast.device, exact=True)
+    result = {"chunk": exact.exact_chunk}
+    for length in lengths:
+        times = {"fast": [], "exact": []}
+        for r in range(repeats):
+            prompt = random_tokens(rng, length)
+            for name in (("fast", "exact") if r % 2 == 0 else ("exact", "fast")):
+                engine = fast if name == "fast" else exact
+                times[name].append(engine.generate(prompt, max_new_tokens=1, temperature=0,
+                                                   use_prefix_cache=False).prefill_s)
+        fast_s, exact_s = statistics.median(times["fast"]), statistics.median(times["exact"])
+        result[f"prefill_{length}"] = {"fast_s": round(fast_s, 3), "exact_s": round(exact_s, 3),
+                                       "exact_over_fast": round(exact_s / fast_s, 3)}
+    prompt = random_tokens(rng, 128)
+    decode = {name: max(e.generate(prompt, max_new_tokens=32, temperature=0, use_prefix_cache=False).decode_tok_s
+                        for _ in range(repeats)) for name, e in (("fast", fast), ("exact", exact))}
+    result["decode_tok_s"] = {k: round(v, 2) for k, v in decode.items()}
+    prefix = random_tokens(rng, prefix_len)
+    exact.generate(prefix + [7], max_new_tokens=1, temperature=0)  # caches the prefix (whole chunks)
+    prompt = prefix + random_tokens(rng, 32)
+    cold = exact.generate(prompt, max_new_tokens=1, temperature=0, use_prefix_cache=False)
+    warm = exact.generate(prompt, max_new_tokens=1, temperature=0)
+    result["exact_ttft"] = {"prefix_tokens": prefix_len, "cached_tokens": warm.cached_tokens,
+                            "cold_s": round(cold.ttft_s, 3), "warm_s": round(warm.ttft_s, 3),
+                            "speedup": round(cold.ttft_s / warm.ttft_s, 1)}
+    return result
+
+
 def chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (see tools/make_bench_checkpoint.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
-    parser.add_argument("--only", nargs="+", choices=["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat"])
+    parser.add_argument("--only", nargs="+", choices=["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat", "exact"])
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a try")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -215,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM.load(args.model, dtype=args.dtype)
     rng = random.Random(args.seed)
     q = args.quick
-    todo = args.only or ["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat"]
+    todo = args.only or ["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat", "exact"]
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "threads": torch.get_num_threads(), "torch": torch.__version__},
                "model": str(args.model), "dtype": str(llm.dtype).replace("torch.", "")}
@@ -227,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "rag": lambda: bench_rag(llm, rng, 300 if q else 1500, 3 if q else 6, 16, args.seed),
         "shared": lambda: bench_shared(llm, rng, 2 if q else 4, 3 if q else 4, 256 if q else 1024, 24, 8),
         "chat": lambda: bench_chat(llm, rng, 3 if q else 6, 64 if q else 256, 32, 32 if q else 48),
+        "exact": lambda: bench_exact(llm, rng, [512] if q else [512, 2048], 512 if q else 2048, 2 if q else 3),
     }
     for name in todo:
         start = time.perf_counter()
@@ -236,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rag":
             for order in ("order_A", "order_B"):
                 print(f"  {order}: {json.dumps(results[name][order]['summary'])}", file=sys.stderr)
-        if name == "radix_ops":
+        if name in ("radix_ops", "exact"):
             print(f"  {json.dumps(results[name])}", file=sys.stderr)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
