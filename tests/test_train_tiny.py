@@ -32,3 +32,11 @@ def test_two_training_steps_write_a_loadable_checkpoint(tmp_path):
         ref = hf_model(out)(torch.tensor([ids])).logits[0]
     assert torch.equal(llm.logits(ids), ref)
     assert llm.generate("import os", max_new_tokens=4, temperature=0).finish_reason in ("stop", "length")
+    # The reported held-out loss is the saved checkpoint's (e.g. no weight trained but not shipped).
+    sys.path.insert(0, str(ROOT / "tools"))
+    import train_tiny
+
+    _, held = train_tiny.split_corpus(train_tiny.corpus_files(limit=40))
+    held_ids = train_tiny.encode_all(llm.tokenizer.backend, train_tiny.read_texts(held))
+    loss = train_tiny.evaluate(llm.model, held_ids, report["hyperparameters"]["seq_len"])
+    assert abs(loss - report["held_out_loss_nats_per_token"]) < 1e-3

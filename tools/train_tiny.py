@@ -36,7 +36,7 @@ from minillm.model import CausalLM  # noqa: E402
 EOT = "<|endoftext|>"  # separates files; also the model's EOS
 
 SHIPPED = dict(vocab=4096, hidden=256, layers=6, heads=8, kv_heads=2, intermediate=704, seq_len=256, batch=16,
-               steps=2000, lr=3e-3)
+               steps=1200, lr=3e-3)
 TOY = dict(vocab=300, hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, seq_len=32, batch=2,
            steps=2, lr=1e-3)
 
@@ -48,8 +48,11 @@ def corpus_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def is_held_out(path: Path) -> bool:
-    return hashlib.sha256(path.name.encode()).digest()[0] % 20 == 0  # about 5% of files
+def split_corpus(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(train, held out): about 5% of files held out, chosen by a hash of the file name."""
+    held = [f for f in files if hashlib.sha256(f.name.encode()).digest()[0] % 20 == 0]
+    train = [f for f in files if f not in held]
+    return (train, held) if held else (files[:-1], files[-1:])
 
 
 def read_texts(files: list[Path]) -> list[str]:
@@ -159,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
 
     files = corpus_files(limit=40 if args.toy else None)
-    train_files = [f for f in files if not is_held_out(f)]
-    held_files = [f for f in files if is_held_out(f)] or files[-1:]
+    train_files, held_files = split_corpus(files)
     started = time.time()
     train_texts, held_texts = read_texts(train_files), read_texts(held_files)
     tok = train_tokenizer(train_texts, h["vocab"])
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     eot = tok.token_to_id(EOT)
     config = hf_config(h, eot)
     model = CausalLM(parse_config(config))
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: one matrix embeds tokens and scores them
     init_weights(model, args.seed)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params:,} parameters", file=sys.stderr)
@@ -201,12 +204,33 @@ def main(argv: list[str] | None = None) -> int:
         progress(step, h["steps"], total, step * tokens_per_step / elapsed, elapsed)
     sys.stderr.write("\n")
     model.eval()
+    round_to_bfloat16(model)  # what is shipped, so the held-out loss below is the shipped model's
     held_loss = evaluate(model, held_ids, seq_len)
     baseline = unigram_loss(train_ids, held_ids, h["vocab"])
+    write_checkpoint(model, config, tok, h, args, {
+        "parameters": params, "steps": h["steps"], "tokens_seen": h["steps"] * tokens_per_step,
+        "train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
+        "held_out_loss_nats_per_token": round(held_loss, 4), "unigram_baseline_nats_per_token": round(baseline, 4),
+        "train_minutes": round((time.time() - train_start) / 60, 1), "total_minutes": round((time.time() - started) / 60, 1),
+    })
+    print(f"held-out loss {held_loss:.3f} nats/token (unigram baseline {baseline:.3f}); wrote {args.out}", file=sys.stderr)
+    return 0
 
+
+def round_to_bfloat16(model: CausalLM) -> None:
+    """Weights are shipped in bfloat16 (half the bytes; config.json still says float32, so they are
+    computed in float32). Round them now so that evaluation sees exactly what is shipped."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def write_checkpoint(model: CausalLM, config: dict, tok: Tokenizer, h: dict, args, report: dict) -> None:
+    """The Hugging Face layout: transformers loads this folder as it loads any Llama checkpoint."""
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    eot = tok.token_to_id(EOT)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
@@ -215,16 +239,8 @@ def main(argv: list[str] | None = None) -> int:
          "model_max_length": config["max_position_embeddings"]}, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eot, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 96}, indent=2) + "\n")
-    report = {
-        "parameters": params, "steps": h["steps"], "tokens_seen": h["steps"] * tokens_per_step,
-        "train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
-        "held_out_loss_nats_per_token": round(held_loss, 4), "unigram_baseline_nats_per_token": round(baseline, 4),
-        "train_minutes": round((time.time() - train_start) / 60, 1), "total_minutes": round((time.time() - started) / 60, 1),
-        "python": sys.version.split()[0], "torch": torch.__version__, "seed": args.seed, "hyperparameters": h,
-    }
+    report.update(python=sys.version.split()[0], torch=torch.__version__, seed=args.seed, hyperparameters=h)
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"held-out loss {held_loss:.3f} nats/token (unigram baseline {baseline:.3f}); wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
