@@ -97,7 +97,7 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def _parse_rope(raw: dict, family: str) -> RopeConfig:
+def _parse_rope(raw: dict) -> RopeConfig:
     # transformers 5: everything in rope_parameters. transformers 4: rope_theta beside rope_scaling.
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     if "rope_theta" in params:
@@ -195,7 +195,7 @@ def parse_config(raw: dict) -> ModelConfig:
         o_bias=attention_bias and family in ("llama", "qwen3"),
         mlp_bias=bool(raw.get("mlp_bias", False)) and family == "llama",
         qk_norm=family == "qwen3",
-        rope=_parse_rope(raw, family),
+        rope=_parse_rope(raw),
         sliding_windows=_sliding_windows(raw, family, num_layers),
         dtype=DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None,
         bos_token_id=raw.get("bos_token_id"),

@@ -284,7 +284,8 @@ class LLM:
                     break
                 if len(generated) == max_new_tokens:
                     break
-                seen = torch.cat((seen, torch.tensor([token], device=self.device)))
+                if sampler.params.repetition_penalty != 1.0:  # the only user of `seen`
+                    seen = torch.cat((seen, torch.tensor([token], device=self.device)))
                 logits = self._forward([token], kv)
             decode_s = time.perf_counter() - start - ttft_s
             if not stops.stopped:

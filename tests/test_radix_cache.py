@@ -4,11 +4,10 @@ The KV stored for position i of a sequence is a fingerprint of tokens[:i+1] (as 
 prefix), so any KV the tree hands back can be checked against the tokens it claims to cover.
 """
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from minillm.radix_cache import RadixCache
 
