@@ -243,9 +243,16 @@ class LLM:
             match.copy_into(kv.keys, kv.values)
             kv.advance(match.length)
         reused = kv.length
-        if self.exact:
-            return exact_mode.chunked_prefill(self.model, ids, kv, self.exact_chunk).float(), match, reused
-        return self._forward(ids[reused:], kv), match, reused
+        try:
+            if self.exact:
+                logits = exact_mode.chunked_prefill(self.model, ids, kv, self.exact_chunk).float()
+            else:
+                logits = self._forward(ids[reused:], kv)
+        except BaseException:  # interrupted or failed: the request never runs, so release its prefix
+            if match is not None:
+                self.prefix_cache.unlock(match.node)
+            raise
+        return logits, match, reused
 
     def _run(self, request: "Request") -> Iterator[str]:
         ids, sampler, stops, max_new_tokens = request.ids, request.sampler, request.stops, request.max_new_tokens

@@ -210,7 +210,8 @@ class RadixCache:
     # -- eviction -------------------------------------------------------------------------------------
 
     def evict(self, num_tokens: int) -> int:
-        """Drop least recently used unlocked leaves until num_tokens are freed (or nothing is evictable)."""
+        """Drop least recently used unlocked leaves until num_tokens are freed (or nothing is evictable).
+        Collecting the candidates walks the whole tree once per call: simple, and cheap next to a forward."""
         leaves = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed = 0
