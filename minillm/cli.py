@@ -19,6 +19,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-mb", type=float, default=1024, help="memory for the prefix cache's KV (default 1024)")
     parser.add_argument("--exact", action="store_true",
                         help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="keep weights in their checkpoint layout (plain F.linear: slower on CPU, bitwise transformers' fp32 results)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +64,8 @@ def _options(args) -> dict:
 def _load(args):
     from .engine import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb, exact=args.exact)
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb, exact=args.exact,
+                    prepack=False if args.no_prepack else None)
 
 
 def read_prompts_file(path: Path) -> list[str]:

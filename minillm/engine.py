@@ -132,7 +132,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.device = device
-        self.dtype = model.lm_head.weight.dtype
+        self.dtype = model.model.embed_tokens.weight.dtype
         per_token = KVCache(self.config, 0, self.dtype, "meta").bytes_per_token()
         self.prefix_cache = RadixCache(max_tokens=int(prefix_cache_mb * 2**20) // per_token)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
@@ -141,12 +141,15 @@ class LLM:
 
     @classmethod
     def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
-             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, exact: bool = False) -> "LLM":
+             prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, exact: bool = False,
+             prepack: bool | None = None) -> "LLM":
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small model bundled in the
         repository's weights/ folder. dtype: None keeps the checkpoint's own;
         "float32", "bfloat16" or "float16" converts the weights as they load. prefix_cache_mb: memory the
         prefix cache may hold KV in (least recently used entries are evicted beyond it). exact: run in
-        exact mode (exact.py), where a cache hit gives bitwise the logits of a cold run."""
+        exact mode (exact.py), where a cache hit gives bitwise the logits of a cold run. prepack: repack the
+        weight matrices for oneDNN (prepack.py; None: wherever available, i.e. on CPU in float32/bfloat16);
+        False keeps plain F.linear, whose float32 results are bitwise transformers'."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -158,7 +161,7 @@ class LLM:
         folder = resolve_model_dir(str(model))
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
-        network = load_model(folder, config, dtype, device)
+        network = load_model(folder, config, dtype, device, prepack)
         return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, prefix_cache_mb, exact)
 
     # -- inputs ---------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """From a folder (or a Hub id) of published files to a CausalLM with its weights in place.
 
-Weights are read with safetensors (a JSON header of names, dtypes, shapes and byte offsets, then raw data:
-nothing is executed, unlike pickle). A large checkpoint is sharded: model.safetensors.index.json maps each
-tensor name to the file holding it. Every tensor the model needs must be there with the right shape; a
-checkpoint that does not fit the config is refused instead of silently producing garbage.
+Weights are memory-mapped from safetensors files (safetensors_mmap.py), not copied. A large checkpoint is
+sharded: model.safetensors.index.json maps each tensor name to the file holding it. Every tensor the model
+needs must be there with the right shape; a checkpoint that does not fit the config is refused instead of
+silently producing garbage. On CPU the matrices are then repacked for fast products (prepack.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from . import prepack as packing
 from .config import ModelConfig
 from .errors import MinillmError
 from .model import CausalLM
+from .safetensors_mmap import SafetensorsFile
 
 # What generation needs from a Hub repo: never *.bin, *.pth, or Mistral's duplicate consolidated.safetensors.
 HUB_FILES = [
@@ -74,24 +75,33 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     raise MinillmError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint by name, in its stored dtype. safe_open memory-maps each file."""
+def read_tensors(files: list[SafetensorsFile], names: dict[Path, list[str] | None]) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint lists, by name, in its stored dtype: views of the mapped files."""
     tensors: dict[str, torch.Tensor] = {}
-    for file, names in _weight_files(folder).items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in names if names is not None else f.keys():
-                    if IGNORED.fullmatch(name):
-                        continue
-                    tensors[name] = f.get_tensor(name)
-        except SafetensorError as e:
-            raise MinillmError(f"{file} is not a valid safetensors file ({e}); download it again") from None
+    for file in files:
+        wanted = names[file.path]
+        for name in wanted if wanted is not None else file.tensors:
+            if IGNORED.fullmatch(name):
+                continue
+            if name not in file.tensors:
+                raise MinillmError(f"{file.path} lacks tensor {name}, which the index places there; download it again")
+            tensors[name] = file.tensors[name]
     return tensors
 
 
-def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu") -> CausalLM:
-    """Build the model without allocating weights (meta device), then install the checkpoint's tensors."""
-    tensors = read_tensors(folder)
+def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu",
+               prepack: bool | None = None) -> CausalLM:
+    """Build the model without allocating weights (meta device), then install the checkpoint's tensors.
+
+    prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available."""
+    names = _weight_files(folder)
+    files = [SafetensorsFile(path) for path in names]
+    tensors = read_tensors(files, names)
+
+    def release(weight: torch.Tensor) -> None:  # its mapped pages are no longer needed in memory
+        for file in files:
+            file.release(weight)
+
     embed = tensors.get("model.embed_tokens.weight")
     if dtype is None:  # the checkpoint's own dtype: as declared, else as stored
         dtype = config.dtype or (embed.dtype if embed is not None else torch.float32)
@@ -103,6 +113,8 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
         head = tensors.pop("lm_head.weight", None)
         if head is not None and embed is not None and not torch.equal(head, embed):
             raise MinillmError("config.json ties lm_head to embed_tokens, but the checkpoint holds a different lm_head.weight")
+        if head is not None:
+            release(head)
         del expected["lm_head.weight"]
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -119,4 +131,11 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
+    del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
+    if prepack is None:
+        prepack = packing.available(dtype, device)
+    if prepack:
+        if not packing.available(dtype, device):
+            raise MinillmError(f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})")
+        packing.prepack_linears(model, release)
     return model.eval()

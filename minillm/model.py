@@ -42,6 +42,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj_size, self.kv_proj_size = q_dim, kv_dim
         self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
@@ -49,18 +50,33 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k (over head_dim) before RoPE, which keeps attention logits tame.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.qkv_proj = None  # prepack.py may replace q/k/v_proj by one stacked matrix: one product, not three
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask: torch.Tensor | None, is_causal: bool):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.q_proj_size, self.kv_proj_size, self.kv_proj_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, T, head_dim]
         k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, T, head_dim]
         keys, values = cache.write(layer, k, v.transpose(0, 1))  # [kv_heads, cached + T, head_dim]
         # softmax(q k^T / sqrt(head_dim)) v, each query head reading kv head (head // group size).
+        if T == 1:
+            # Decode: the group of query heads that share a kv head (consecutive heads) become that many
+            # query rows against its keys. Same result, but one dense product per kv head instead of a
+            # kernel built for long query blocks (3-10x faster for one token on CPU, more in bf16).
+            group = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(
+                q.view(1, self.num_kv_heads, group, self.head_dim), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask,  # [1, keys]: the one query's mask serves every row
+            )  # [1, kv_heads, group, head_dim]
+            return self.o_proj(out.view(1, self.num_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
             attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads,
@@ -76,9 +92,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = None  # prepack.py may stack gate_proj and up_proj into one matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -41,7 +41,8 @@ def test_transformers_loads_it_and_agrees(bundled):
     ids = bundled.tokenizer.encode("import os\n\ndef main(argv):\n    for name in os.listdir('.'):\n")
     with torch.no_grad():
         ref = hf_model(WEIGHTS)(torch.tensor([ids])).logits[0]
-    assert torch.equal(bundled.logits(ids), ref)
+    assert torch.equal(LLM.load(prepack=False).logits(ids), ref)  # F.linear, as transformers: every bit
+    assert (bundled.logits(ids) - ref).abs().max() <= 1e-4  # prepacked weights: another summation order
 
 
 def test_cli_uses_it_by_default(capsys):

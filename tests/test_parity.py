@@ -1,4 +1,7 @@
-"""Our model against transformers on the same random checkpoints: logits and greedy continuations."""
+"""Our model against transformers on the same random checkpoints: logits and greedy continuations.
+
+With prepack=False (plain F.linear, as transformers) fp32 logits are bitwise equal. The default, prepacked
+oneDNN weights on CPU (prepack.py), sums in another order: equal to a tolerance, same greedy tokens."""
 
 import json
 
@@ -6,7 +9,8 @@ import pytest
 import torch
 
 from checkpoints import hf_model, make_checkpoint
-from minillm import LLM
+from minillm import LLM, prepack
+from minillm.prepack import PackedLinear
 
 # (family, checkpoint options): one per family, plus each config feature that changes the math.
 CASES = {
@@ -41,10 +45,24 @@ def test_fp32_logits_bitwise_equal_to_transformers(case, checkpoint):
     ids = prompt()
     with torch.no_grad():
         ref = hf_model(folder)(torch.tensor([ids])).logits[0]
-    ours = LLM.load(folder).logits(ids)
+    ours = LLM.load(folder, prepack=False).logits(ids)
     assert ours.shape == (len(ids), 320)
     assert (ours - ref).abs().max() <= 1e-5
     assert torch.equal(ours, ref), f"max diff {(ours - ref).abs().max():.3g}"
+
+
+@pytest.mark.skipif(not prepack.available(torch.float32, "cpu"), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("case", CASES)
+def test_prepacked_fp32_logits_close_to_transformers(case, checkpoint):
+    family, options = CASES[case]
+    folder = checkpoint(family, **options)
+    ids = prompt()
+    with torch.no_grad():
+        ref = hf_model(folder)(torch.tensor([ids])).logits[0]
+    llm = LLM.load(folder)
+    assert isinstance(llm.model.lm_head, PackedLinear)
+    assert llm.model.model.layers[0].self_attn.q_proj is None  # stacked into qkv_proj
+    assert (llm.logits(ids) - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -70,7 +88,8 @@ def test_sharded_checkpoint(tmp_path):
     ids = prompt()
     with torch.no_grad():
         ref = hf_model(folder)(torch.tensor([ids])).logits[0]
-    assert torch.equal(LLM.load(folder).logits(ids), ref)
+    assert torch.equal(LLM.load(folder, prepack=False).logits(ids), ref)
+    assert (LLM.load(folder).logits(ids) - ref).abs().max() <= 1e-4
 
 
 def test_transformers4_config_layout(checkpoint, tmp_path):
@@ -100,14 +119,14 @@ def test_bf16_checkpoint_error_no_worse_than_transformers(checkpoint):
         ref16 = hf_model(folder, torch.bfloat16)(torch.tensor([ids])).logits[0].float()
     llm = LLM.load(folder)
     assert llm.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's
-    ours = llm.logits(ids)
-    assert (ours - ref32).abs().max() <= (ref16 - ref32).abs().max()
-    assert torch.equal(ours, ref16)
+    assert (llm.logits(ids) - ref32).abs().max() <= (ref16 - ref32).abs().max()
+    assert torch.equal(LLM.load(folder, prepack=False).logits(ids), ref16)
 
 
 def test_dtype_conversion_on_load(checkpoint):
     folder = checkpoint("llama")
-    llm = LLM.load(folder, dtype="bfloat16")
+    assert LLM.load(folder, dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
+    llm = LLM.load(folder, dtype="bfloat16", prepack=False)
     assert llm.model.lm_head.weight.dtype == torch.bfloat16
     ids = prompt()
     with torch.no_grad():

@@ -5,9 +5,10 @@
 
 For each dtype: prefill tokens/s on 512- and 2,048-token prompts, decode tokens/s for 64 tokens after a
 128-token prompt, for minillm and (when installed) transformers on the same checkpoint, runs interleaved,
-best of --repeats. Decoding one token reads every weight once, so memory bandwidth bounds its speed:
-bound = measured read bandwidth / weight bytes; the share of the bound each engine reaches is reported.
-Also: peak resident memory right after loading (measured in a fresh process) and KV bytes per token.
+best of --repeats; minillm also with --no-prepack weights (plain F.linear), to show what prepacking does.
+Decoding one token reads every weight once, so memory bandwidth bounds its speed: bound = read bandwidth
+(probed between the decode runs) / weight bytes; the share of the bound each engine reaches is reported.
+Also: resident memory of a fresh process before and after loading, and KV bytes per token.
 """
 
 from __future__ import annotations
@@ -26,20 +27,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import LLM  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
+from minillm.prepack import PackedLinear  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Best-of read bandwidth: sum a buffer far larger than the caches (every byte read once)."""
+def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 7) -> float:
+    """Read bandwidth: sum a buffer far larger than the caches (every byte read once), median of repeats
+    (a shared machine gives the odd run far off either way)."""
     x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
     x.sum()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.nbytes / best / 1e9
+        times.append(time.perf_counter() - start)
+    return x.nbytes / sorted(times)[repeats // 2] / 1e9
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -49,7 +52,10 @@ def weight_bytes(llm: LLM) -> int:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.nbytes
-    return total
+    packed = [m for m in llm.model.modules() if isinstance(m, PackedLinear)]  # not parameters: opaque tensors
+    if packed and llm.config.tie_word_embeddings:
+        total -= llm.model.model.embed_tokens.weight.nbytes  # read once per step, as the packed lm_head
+    return total + sum(m.weight_bytes for m in packed)
 
 
 def ours_prefill(llm: LLM, prompt: list[int]) -> float:
@@ -85,13 +91,27 @@ def hf_decode(model, prompt: list[int], new: int) -> float:
     return (new - 1) / (many - one)
 
 
-def peak_rss_after_load(model: str, dtype: str) -> int:
-    """Peak resident set size (bytes) of a fresh process that only loads the model."""
-    code = (f"import resource, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            f"from minillm import LLM; LLM.load({model!r}, dtype={dtype!r}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+def rss_of_load(model: str, dtype: str) -> tuple[int, int]:
+    """(resident bytes before loading, peak resident bytes after) of a fresh process that only imports
+    minillm and loads the model. The difference is what loading costs; the rest is Python and torch.
+    Read from /proc/self/status: getrusage's ru_maxrss would include this (parent) process's peak."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from pathlib import Path; from minillm import LLM\n"
+            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"
+            f"before = kib('VmHWM:'); LLM.load({model!r}, dtype={dtype!r}); print(before, kib('VmHWM:'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip()) * 1024  # Linux reports KiB
+    before, after = (int(n) * 1024 for n in out.stdout.split())
+    return before, after
+
+
+def interleaved(names: list[str], measure, repeats: int) -> dict[str, list[float]]:
+    """Run measure(name) for each name, repeats times, rotating the order each round so that no engine
+    always runs first (or right after the same one) on a machine whose speed drifts."""
+    results = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            results[name].append(measure(name))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,63 +128,69 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         transformers = None
     use_hf = transformers is not None and not args.no_transformers
-    bandwidth = read_bandwidth_gbs()
     results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "read_bandwidth_GBs": round(bandwidth, 1)},
+                           "torch": torch.__version__},
                "transformers": transformers.__version__ if use_hf else None, "model": str(args.model), "runs": {}}
-    print(f"read bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     for name in args.dtypes:
         dtype = DTYPES[name]
-        llm = LLM.load(args.model, dtype=dtype)
-        llm.defaults.eos_token_ids = []
+        # minillm as it runs by default (prepacked weights), minillm with plain F.linear, and transformers.
+        llms = {"minillm": LLM.load(args.model, dtype=dtype),
+                "minillm_no_prepack": LLM.load(args.model, dtype=dtype, prepack=False)}
+        for llm in llms.values():
+            llm.defaults.eos_token_ids = []
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval() if use_hf else None
-        row: dict = {"weight_bytes": weight_bytes(llm)}
-        row["bound_decode_tok_s"] = round(bandwidth * 1e9 / row["weight_bytes"], 1)
+        engines = list(llms) + (["transformers"] if hf is not None else [])
+
+        def prefill(engine: str) -> float:
+            return hf_prefill(hf, prompt) if engine == "transformers" else ours_prefill(llms[engine], prompt)
+
+        def decode(engine: str) -> float:
+            if engine == "read_bandwidth":  # probed between the runs, under the same conditions
+                return read_bandwidth_gbs()
+            return hf_decode(hf, prompt, 64) if engine == "transformers" else ours_decode(llms[engine], prompt, 64)
+
+        row: dict = {"weight_bytes": weight_bytes(llms["minillm"])}
         for length in args.prefill_lengths:
             prompt = torch.randint(1000, 150000, (length,), generator=g).tolist()
-            ours, theirs = [], []
-            for r in range(args.repeats):
-                if r % 2 == 0:
-                    ours.append(ours_prefill(llm, prompt))
-                    if hf is not None:
-                        theirs.append(hf_prefill(hf, prompt))
-                else:
-                    if hf is not None:
-                        theirs.append(hf_prefill(hf, prompt))
-                    ours.append(ours_prefill(llm, prompt))
-            row[f"prefill_{length}"] = {"minillm_tok_s": round(max(ours), 1)}
-            if theirs:
-                row[f"prefill_{length}"].update(transformers_tok_s=round(max(theirs), 1),
-                                                ratio=round(max(ours) / max(theirs), 2))
+            row[f"prefill_{length}"] = summarize(interleaved(engines, prefill, args.repeats))
             print(f"{name} prefill {length}: {row[f'prefill_{length}']}", file=sys.stderr, flush=True)
         prompt = torch.randint(1000, 150000, (128,), generator=g).tolist()
-        ours, theirs = [], []
-        for r in range(args.repeats):
-            ours.append(ours_decode(llm, prompt, 64))
-            if hf is not None:
-                theirs.append(hf_decode(hf, prompt, 64))
-        decode = {"minillm_tok_s": round(max(ours), 2),
-                  "minillm_share_of_bound": round(max(ours) / row["bound_decode_tok_s"], 3)}
-        if theirs:
-            decode.update(transformers_tok_s=round(max(theirs), 2), ratio=round(max(ours) / max(theirs), 2),
-                          transformers_share_of_bound=round(max(theirs) / row["bound_decode_tok_s"], 3))
+        runs = interleaved(engines + ["read_bandwidth"], decode, args.repeats)
+        bandwidth = max(runs.pop("read_bandwidth"))
+        decode = summarize(runs, decimals=2)
+        decode["read_bandwidth_GBs"] = round(bandwidth, 1)
+        decode["bound_tok_s"] = round(bandwidth * 1e9 / row["weight_bytes"], 1)
+        for engine in runs:
+            decode[engine]["share_of_bound"] = round(decode[engine]["tok_s"] / decode["bound_tok_s"], 3)
         row["decode_64_after_128"] = decode
-        print(f"{name} decode: {decode} (bound {row['bound_decode_tok_s']} tok/s)", file=sys.stderr, flush=True)
-        row["kv_bytes_per_token"] = KVCache(llm.config, 0, dtype, "meta").bytes_per_token()
-        cfg = llm.config
+        print(f"{name} decode: {decode}", file=sys.stderr, flush=True)
+        cfg = llms["minillm"].config
+        row["kv_bytes_per_token"] = KVCache(cfg, 0, dtype, "meta").bytes_per_token()
         assert row["kv_bytes_per_token"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-        del llm, hf
-        rss = peak_rss_after_load(str(args.model), name)
-        row["peak_rss_after_load_bytes"] = rss
-        row["peak_rss_over_weights"] = round(rss / row["weight_bytes"], 3)
-        print(f"{name} peak RSS after load: {rss / 2**20:.0f} MiB ({row['peak_rss_over_weights']}x weights)",
-              file=sys.stderr, flush=True)
+        llms.clear()  # free their memory before the next dtype
+        hf = None
+        before, peak = rss_of_load(str(args.model), name)
+        row["rss_before_load_bytes"], row["peak_rss_after_load_bytes"] = before, peak
+        row["load_rss_over_weights"] = round((peak - before) / row["weight_bytes"], 3)
+        row["peak_rss_over_weights"] = round(peak / row["weight_bytes"], 3)
+        print(f"{name} load: peak RSS {peak / 2**20:.0f} MiB, {before / 2**20:.0f} MiB of it before loading; "
+              f"loading added {row['load_rss_over_weights']}x the weights", file=sys.stderr, flush=True)
         results["runs"][name] = row
     results["machine"]["bench_process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def summarize(runs: dict[str, list[float]], decimals: int = 1) -> dict:
+    """Best of the repeats per engine (the least disturbed run), and minillm's ratio to each other engine."""
+    best = {engine: max(values) for engine, values in runs.items()}
+    out = {engine: {"tok_s": round(value, decimals)} for engine, value in best.items()}
+    for engine in best:
+        if engine != "minillm":
+            out[f"minillm_over_{engine}"] = round(best["minillm"] / best[engine], 2)
+    return out
 
 
 if __name__ == "__main__":
