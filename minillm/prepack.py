@@ -5,9 +5,10 @@ product does two flops per weight it reads, so its speed is set by memory bandwi
 second), not arithmetic. On the 2-core machines this engine is developed on, F.linear sends it to a BLAS
 gemv that reads weights at about 14 GB/s, while the memory delivers about 36 GB/s. oneDNN (PyTorch's
 "mkldnn" backend) can instead reorder each weight once, at load time, into the blocked layout its kernels
-stream through; the same product then reads about 34 GB/s, and prefill's matrix-matrix products gain too.
+stream through; the same product then reads 20-35 GB/s (more for larger matrices), and prefill's
+matrix-matrix products gain too.
 The operators are PyTorch's own: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies
-(the pair torch.compile uses when it freezes a CPU model).
+(torch.compile's CPU weight prepacking uses the same pair for bf16 weights).
 
 The packed weight is an opaque oneDNN tensor: a copy in another layout. The loader hands each original
 to `release` once it is packed, so resident memory stays about one copy of the weights.

@@ -91,3 +91,18 @@ def test_reuse_is_in_whole_chunks_and_decode_kv_is_not_cached(exact_llm):
     assert llm.prefix_cache.total_tokens == 50  # the prompt only: no decode-step KV
     longer = run(llm, prompt + first.token_ids + [9, 9], cache=True, temperature=0)
     assert longer.cached_tokens == 48  # 50 cached tokens, rounded down to whole 16-token chunks
+
+
+def test_bitwise_on_the_bundled_model_with_prepacked_weights():
+    """The tiny test models have hidden size 64; the bundled model's 256 gives the prepacked (oneDNN)
+    kernels real blocking to do. Exact mode must hold with the default weights there too."""
+    llm = LLM.load(dtype="float32", exact=True)
+    llm.defaults.eos_token_ids = []
+    text = "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
+    doc = llm.tokenizer.encode(text * 8)
+    assert len(doc) > 3 * llm.exact_chunk
+    llm.generate(doc[: 2 * llm.exact_chunk + 5] + [7, 8, 9], max_new_tokens=3)  # caches two whole chunks
+    cold = run(llm, doc, cache=False, temperature=0)
+    warm = run(llm, doc, cache=True, temperature=0)
+    assert warm.cached_tokens == 2 * llm.exact_chunk
+    assert_bitwise_same(cold, warm)
