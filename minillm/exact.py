@@ -1,11 +1,12 @@
 """Exact mode: a prefix-cache hit computes bit for bit what a cold run computes.
 
 Why the fast mode is only close: a CPU matrix multiply picks its blocking (and so the order in which it adds
-up each dot product) from the shapes of its operands. Row i of F.linear(X, W) therefore changes in its last
-bits with the number of rows of X: prefilling a whole prompt and prefilling only its uncached suffix do
-not produce the same bits. Elementwise kernels have the same trait (a vectorised body and a scalar tail).
-What does hold: the same operation on the same shapes gives the same bits, and with a fixed number of rows a
-row's result does not depend on where it sits in the block or on the other rows.
+up each dot product) from the shapes of its operands. Row i of X W^T (F.linear, or prepack.py's oneDNN
+product) therefore changes in its last bits with the number of rows of X: prefilling a whole prompt and
+prefilling only its uncached suffix do not produce the same bits. Elementwise kernels have the same trait
+(a vectorised body and a scalar tail). What does hold: the same operation on the same shapes gives the
+same bits, and with a fixed number of rows a row's result does not depend on where it sits in the block or
+on the other rows.
 
 So exact mode makes every shape a function of absolute position alone:
   * prefill runs in chunks of C tokens aligned to absolute positions (chunk k = positions kC..kC+C-1);

@@ -69,8 +69,9 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(head_dim)) v, each query head reading kv head (head // group size).
         if T == 1:
             # Decode: the group of query heads that share a kv head (consecutive heads) become that many
-            # query rows against its keys. Same result, but one dense product per kv head instead of a
-            # kernel built for long query blocks (3-10x faster for one token on CPU, more in bf16).
+            # query rows against its keys. The same attention (up to rounding), as one dense product per kv
+            # head instead of a kernel built for long query blocks: measured on CPU at 200-1,600 cached
+            # tokens, 2-3x faster in fp32 and 8-12x in bf16.
             group = self.num_heads // self.num_kv_heads
             out = F.scaled_dot_product_attention(
                 q.view(1, self.num_kv_heads, group, self.head_dim), keys.unsqueeze(0), values.unsqueeze(0),

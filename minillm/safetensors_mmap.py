@@ -39,7 +39,7 @@ class SafetensorsFile:
             }
         except (ValueError, KeyError, TypeError, struct.error) as e:
             raise MinillmError(f"{path} is not a valid safetensors file ({e}); download it again") from None
-        self._base = torch.frombuffer(self._map, dtype=torch.uint8).data_ptr() if len(self._map) else 0
+        self._base = torch.frombuffer(self._map, dtype=torch.uint8).data_ptr()  # where the file starts in memory
 
     @staticmethod
     def _open(path: Path):

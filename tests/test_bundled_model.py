@@ -45,6 +45,7 @@ def test_transformers_loads_it_and_agrees(bundled):
     assert (bundled.logits(ids) - ref).abs().max() <= 1e-4  # prepacked weights: another summation order
 
 
-def test_cli_uses_it_by_default(capsys):
-    assert main(["generate", "-n", "24", "-t", "0", "--no-prefix-cache", PROMPT]) == 0
+@pytest.mark.parametrize("flags", [[], ["--no-prepack"]], ids=["prepacked", "plain"])
+def test_cli_uses_it_by_default(capsys, flags):
+    assert main(["generate", "-n", "24", "-t", "0", "--no-prefix-cache", *flags, PROMPT]) == 0
     assert capsys.readouterr().out == GOLDEN_TEXT + "\n"
