@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import prepack as packing
 from .config import ModelConfig
@@ -125,17 +126,24 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise MinillmError(f"tensor {name} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}")
-    state = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+    if prepack is None:
+        prepack = packing.available(dtype, device)
+    if prepack and not packing.available(dtype, device):
+        raise MinillmError(f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})")
+    # Matrices about to be packed stay as stored: packing converts them one at a time, so a dtype change
+    # never holds a converted copy of every weight at once.
+    as_stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if prepack else set()
+    state = {}
+    for name, t in tensors.items():
+        state[name] = t if name in as_stored else t.to(device=device, dtype=dtype)
+        if state[name] is not t:  # converted or moved: the mapped original is not needed in memory
+            release(t)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
-    if prepack is None:
-        prepack = packing.available(dtype, device)
     if prepack:
-        if not packing.available(dtype, device):
-            raise MinillmError(f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})")
-        packing.prepack_linears(model, release)
+        packing.prepack_linears(model, dtype, release)
     return model.eval()

@@ -42,20 +42,22 @@ class PackedLinear(nn.Module):
     into one matrix: one larger product streams memory better than several small ones, and makes fewer
     calls. Its output is then the outputs of the parts side by side, to be split by the caller."""
 
-    def __init__(self, *linears: nn.Linear, scratch: torch.Tensor | None = None):
-        """scratch: reusable memory for stacking the parts (packing many layers then allocates nothing
-        that it frees again, which would leave the heap fragmented)."""
+    def __init__(self, *linears: nn.Linear, dtype: torch.dtype, scratch: torch.Tensor | None = None):
+        """dtype: the compute dtype (weights are converted as they are packed). scratch: reusable memory
+        for stacking the parts (packing many layers then frees nothing that it allocated, which would
+        leave the heap fragmented)."""
         super().__init__()
         parts = [linear.weight.detach() for linear in linears]
-        weight = parts[0]  # [sum of outs, in]
         if len(parts) > 1:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
             out = scratch[: shape[0] * shape[1]].view(shape) if scratch is not None else None
-            weight = torch.cat(parts, out=out)
+            weight = torch.cat([p.to(dtype) for p in parts], out=out)  # [sum of outs, in]
+        else:
+            weight = parts[0].to(dtype)  # [out, in]
         # Packed for one-row inputs (decode, where bandwidth matters most); it serves any number of rows.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque [out, in]
         biases = [linear.bias for linear in linears]
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,20 +68,19 @@ class PackedLinear(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
-def prepack_linears(model: CausalLM, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
     """Replace the model's nn.Linear modules by PackedLinear ones, in place, handing each old weight to
     release once packed. Attention's q, k, v and the MLP's gate, up become one stacked matrix each.
 
     The largest matrix (lm_head, vocab x hidden) goes first: while it is being packed both its layouts are
     resident, and nothing else has been packed yet, so peak memory stays near one copy of the weights."""
-
     c = model.config
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
-    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=model.model.embed_tokens.weight.dtype)
+    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)
 
     def pack(owner: nn.Module, target: str, parts: list[str]) -> None:
         linears = [getattr(owner, part) for part in parts]
-        packed = PackedLinear(*linears, scratch=scratch)
+        packed = PackedLinear(*linears, dtype=dtype, scratch=scratch)
         for part, linear in zip(parts, linears):
             setattr(owner, part, None)
             release(linear.weight)
