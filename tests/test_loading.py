@@ -1,5 +1,6 @@
 """Memory-mapped safetensors reading (safetensors_mmap.py) and prepacked weights (prepack.py)."""
 
+import json
 import struct
 import sys
 from pathlib import Path
@@ -86,3 +87,17 @@ def test_prepack_refused_where_it_cannot_run(checkpoint):
     with pytest.raises(MinillmError, match="prepacked weights need"):
         LLM.load(checkpoint("llama"), dtype="float16", prepack=True)
     assert not isinstance(LLM.load(checkpoint("llama"), dtype="float16").model.lm_head, prepack.PackedLinear)
+
+
+def test_index_pointing_at_the_wrong_shard_is_refused(tmp_path):
+    from checkpoints import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "sharded", "llama", max_shard_size="20KB")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][name] = files[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(MinillmError, match=f"lacks tensor {name}"):
+        LLM.load(folder)
