@@ -47,16 +47,15 @@ def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 7) -> float:
 
 
 def weight_bytes(llm: LLM) -> int:
-    """Bytes of weights one decode step reads: every matrix once (a tied embedding once, as lm_head)."""
-    seen, total = set(), 0
-    for p in llm.model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.nbytes
-    packed = [m for m in llm.model.modules() if isinstance(m, PackedLinear)]  # not parameters: opaque tensors
-    if packed and llm.config.tie_word_embeddings:
-        total -= llm.model.model.embed_tokens.weight.nbytes  # read once per step, as the packed lm_head
-    return total + sum(m.weight_bytes for m in packed)
+    """Bytes of weights one decode step reads: every matrix once. The embedding table is not among them
+    (a step reads one row of it) unless it is also the output projection (tied, not prepacked)."""
+    model = llm.model
+    embed = model.model.embed_tokens.weight
+    total = sum(p.nbytes for p in model.parameters() if p is not embed)  # norms, biases, plain matrices
+    total += sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))  # opaque tensors
+    if getattr(model.lm_head, "weight", None) is embed:
+        total += embed.nbytes
+    return total
 
 
 def ours_prefill(llm: LLM, prompt: list[int]) -> float:
