@@ -12,6 +12,7 @@ private (copy-on-write) mapping lets torch see ordinary writable memory while th
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -62,9 +63,7 @@ class SafetensorsFile:
             raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
         shape = [int(n) for n in entry["shape"]]
         begin, end = (int(n) for n in entry["data_offsets"])
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if end - begin != numel * dtype.itemsize or begin < 0 or data_start + end > len(self._map):
             raise ValueError(f"tensor {name} does not fit its byte range {begin}..{end}; is the file truncated?")
         if numel == 0:
@@ -75,8 +74,8 @@ class SafetensorsFile:
         """Drop this process's resident copy of the pages under `tensor`, if it is a view of this file.
 
         The view stays valid: a later read pages the bytes back in from the file. The loader calls this
-        once a weight has been repacked (prepack.py), so the original layout stops counting as resident
-        memory beside the packed copy."""
+        once a weight has been repacked (prepack.py) or converted to another dtype, so the original stops
+        counting as resident memory beside its copy."""
         offset = tensor.data_ptr() - self._base
         if tensor.numel() == 0 or not 0 <= offset < len(self._map) or not hasattr(mmap, "MADV_DONTNEED"):
             return
