@@ -3,10 +3,11 @@
 Decoding one token multiplies a single row of activations by every weight matrix. That matrix-vector
 product does two flops per weight it reads, so its speed is set by memory bandwidth (bytes read per
 second), not arithmetic. On the 2-core machines this engine is developed on, F.linear sends it to a BLAS
-gemv that reads weights at about 14 GB/s, while the memory delivers about 36 GB/s. oneDNN (PyTorch's
-"mkldnn" backend) can instead reorder each weight once, at load time, into the blocked layout its kernels
-stream through; the same product then reads 20-35 GB/s (more for larger matrices), and prefill's
-matrix-matrix products gain too.
+gemv that reads weights at about 14 GB/s, while the memory delivers 35-65 GB/s (it drifts on a shared
+machine). oneDNN (PyTorch's "mkldnn" backend) can instead reorder each weight once, at load time, into the
+blocked layout its kernels stream through; the same product then reads 20-35 GB/s (more for larger
+matrices), and prefill's matrix-matrix products gain too.
+
 The operators are PyTorch's own: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies
 (torch.compile's CPU weight prepacking uses the same pair for bf16 weights).
 
@@ -73,7 +74,8 @@ def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torc
     release once packed. Attention's q, k, v and the MLP's gate, up become one stacked matrix each.
 
     The largest matrix (lm_head, vocab x hidden) goes first: while it is being packed both its layouts are
-    resident, and nothing else has been packed yet, so peak memory stays near one copy of the weights."""
+    resident, and nothing else has been packed yet, so peak memory stays near one copy of the weights (as
+    long as lm_head is under half of them, as in real models)."""
     c = model.config
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
     scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)

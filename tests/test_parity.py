@@ -38,13 +38,18 @@ def prompt(n=48, seed=1):
     return torch.randint(2, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_fp32_logits_bitwise_equal_to_transformers(case, checkpoint):
+def case_and_reference(case, checkpoint):
+    """(checkpoint folder, prompt ids, transformers' fp32 logits [len, vocab]) for one of CASES."""
     family, options = CASES[case]
     folder = checkpoint(family, **options)
     ids = prompt()
     with torch.no_grad():
-        ref = hf_model(folder)(torch.tensor([ids])).logits[0]
+        return folder, ids, hf_model(folder)(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_logits_bitwise_equal_to_transformers(case, checkpoint):
+    folder, ids, ref = case_and_reference(case, checkpoint)
     ours = LLM.load(folder, prepack=False).logits(ids)
     assert ours.shape == (len(ids), 320)
     assert (ours - ref).abs().max() <= 1e-5
@@ -54,11 +59,7 @@ def test_fp32_logits_bitwise_equal_to_transformers(case, checkpoint):
 @pytest.mark.skipif(not prepack.available(torch.float32, "cpu"), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("case", CASES)
 def test_prepacked_fp32_logits_close_to_transformers(case, checkpoint):
-    family, options = CASES[case]
-    folder = checkpoint(family, **options)
-    ids = prompt()
-    with torch.no_grad():
-        ref = hf_model(folder)(torch.tensor([ids])).logits[0]
+    folder, ids, ref = case_and_reference(case, checkpoint)
     llm = LLM.load(folder)
     assert isinstance(llm.model.lm_head, PackedLinear)
     assert llm.model.model.layers[0].self_attn.q_proj is None  # stacked into qkv_proj
