@@ -16,7 +16,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
-    parser.add_argument("--cache-mb", type=float, default=1024, help="memory for the prefix cache's KV (default 1024)")
+    parser.add_argument("--kv-mb", type=float, default=1024,
+                        help="memory for the KV pool that running requests and the prefix cache share (default 1024)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one step (default 16)")
+    parser.add_argument("--schedule", choices=["lpm", "fcfs"], default="lpm",
+                        help="admission order: longest cached prefix first (default) or first come first served")
     parser.add_argument("--exact", action="store_true",
                         help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
     parser.add_argument("--no-prepack", action="store_true",
@@ -38,8 +42,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete one or more prompts (they share the prefix cache)")
-    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several run one after another")
+    gen = commands.add_parser("generate", help="complete one or more prompts (run concurrently, sharing the prefix cache)")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several run as one batch")
     gen.add_argument("--prompts-file", type=Path, help="one prompt per line, or JSONL with a 'prompt' field")
     _add_model_options(gen)
     _add_sampling_options(gen)
@@ -62,10 +66,11 @@ def _options(args) -> dict:
 
 
 def _load(args):
-    from .engine import LLM
+    from .llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=args.cache_mb, exact=args.exact,
-                    prepack=False if args.no_prepack else None)
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
+                    prepack=False if args.no_prepack else None, kv_mb=args.kv_mb, max_batch=args.max_batch,
+                    schedule_policy=args.schedule)
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -109,19 +114,22 @@ def _chat_prompt(llm, text: str, system: str | None) -> list[int]:
 
 
 def generate(args) -> int:
+    """All prompts are submitted at once and run concurrently (up to --max-batch per step); their outputs are
+    printed in order, the first streaming as it is generated."""
     prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise MinillmError("no prompt given; pass the prompt text as an argument or use --prompts-file")
     llm = _load(args)
+    chat = args.chat or args.system is not None
+    requests = [llm.request(_chat_prompt(llm, text, args.system) if chat else text, **_options(args)) for text in prompts]
+    handles = [llm.engine.submit(r) for r in requests]
     completions = []
-    for index, text in enumerate(prompts, 1):
-        prompt = _chat_prompt(llm, text, args.system) if args.chat or args.system is not None else text
-        stream = llm.stream(prompt, **_options(args))
-        for piece in stream:
+    for index, handle in enumerate(handles, 1):
+        for piece in handle:
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        c = stream.completion
+        c = handle.completion
         completions.append(c)
         if args.json:
             print(json.dumps(c.to_dict(), ensure_ascii=False), flush=True)

@@ -1,50 +1,74 @@
-"""Exact mode: a prefix-cache hit computes bit for bit what a cold run computes.
+"""Exact mode: a request's logits are bit for bit the same with the prefix cache on or off, and whether it runs
+alone or batched with any other requests, in any order.
 
 Why the fast mode is only close: a CPU matrix multiply picks its blocking (and so the order in which it adds
 up each dot product) from the shapes of its operands. Row i of X W^T (F.linear, or prepack.py's oneDNN
 product) therefore changes in its last bits with the number of rows of X: prefilling a whole prompt and
-prefilling only its uncached suffix do not produce the same bits. Elementwise kernels have the same trait
-(a vectorised body and a scalar tail). What does hold: the same operation on the same shapes gives the
-same bits, and with a fixed number of rows a row's result does not depend on where it sits in the block or
-on the other rows.
+prefilling only its uncached suffix do not produce the same bits, nor does a decode row computed alone and
+among 15 others. Elementwise kernels have the same trait (a vectorised body and a scalar tail). What does
+hold: the same operation on the same shapes gives the same bits, and with a fixed number of rows a row's
+result does not depend on where it sits in the block or on the other rows.
 
-So exact mode makes every shape a function of absolute position alone:
-  * prefill runs in chunks of C tokens aligned to absolute positions (chunk k = positions kC..kC+C-1);
-    the last chunk is padded to C rows with token 0, and the padding's results are dropped;
-  * chunk k always attends over the same kC+C key slots, causally masked; padding keys sit only where the
-    mask already hides them;
+So exact mode makes every shape a function of absolute position alone, never of the batch:
+  * every forward is a fixed-shape tile: one prefill chunk of C rows, or D decode rows (of up to D requests);
+    a step with more work runs several tiles, and short tiles are padded (token 0 at position 0, writing to
+    the pool's dump slot), the padding's results dropped;
+  * prefill chunks are aligned to absolute positions (chunk k = positions kC..kC+C-1), and chunk k always
+    attends over the same kC+C key positions, causally masked; padding keys sit only where the mask hides them;
   * the prefix cache is reused only in whole chunks (a match is rounded down to a multiple of C), so a
     warm run recomputes exactly the chunks a cold run computes, on identical inputs;
-  * only prompt KV goes into the cache: decode steps run one row at a time, other shapes than prefill,
-    so their KV is not what a prefill of the same tokens would give.
-By induction over chunks, a cached chunk's KV equals what the cold run computes for it (its rows met the
-same operations on the same shapes), hence the first token's logits, and with them every decode step
-(identical KV, identical one-row shapes), are bitwise equal with the cache on or off.
+  * only prompt KV goes into the cache: decode rows run other shapes than prefill, so their KV is not what
+    a prefill of the same tokens would give (a preempted request recomputes its output tokens as decode rows).
+By induction over chunks and steps, every KV a request reads is bitwise what a lone cold run computes, hence
+so are its logits and its (greedy or seeded) tokens.
 
 It does not cover: logits from LLM.logits() (one unchunked forward), other thread counts, devices or
 torch builds (bits are equal within one setup, not across setups), dynamic NTK RoPE (never cached).
-Cost: up to C-1 padding rows per prompt, and attention over whole chunks.
+Cost: up to C-1 padding rows per prompt, attention over whole chunks, padded decode tiles, and one forward
+(one read of the weights) per D decode rows instead of one per step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache
-from .model import CausalLM
+from .forward_batch import Segment
+from .kv_pool import DUMP_SLOT
+from .scheduler import Work
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 64  # prefill rows per tile
+DEFAULT_DECODE_ROWS = 8  # decode rows per tile
+
+# A decode row that computes nothing anyone reads. Decode tiles ask for the logits of every row, padding
+# included: the output projection's row count must not depend on how many rows sample.
+_PAD_ROW = Segment([0], 0, torch.tensor([DUMP_SLOT]), logit_row=0)
 
 
-def chunked_prefill(model: CausalLM, ids: list[int], kv: KVCache, chunk: int) -> torch.Tensor:
-    """Prefill ids[kv.length:] chunk by chunk (kv.length must be a multiple of chunk); return the logits
-    [1, vocab] of the last prompt token."""
-    assert kv.length % chunk == 0, "exact prefill must start on a chunk boundary"
-    device = kv.keys.device
-    logits = None
-    for start in range(kv.length, len(ids), chunk):
-        real = ids[start : start + chunk]
-        tokens = torch.tensor(real + [0] * (chunk - len(real)), device=device)  # [chunk], padded with 0
-        logits = model(tokens, kv, logit_rows=slice(len(real) - 1, len(real)))
-        kv.truncate(start + len(real))  # forget the padding's KV (its slots get overwritten)
-    return logits
+def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Segment, Work | None]]]:
+    """Split a step's work into fixed-shape forwards: each prefill chunk alone (padded to `chunk` rows, the
+    logits of its last real row if it samples), decode rows in groups of `decode_rows` (padded with rows that
+    compute nothing, logits of every row). Each segment comes with the work whose token it samples (None when
+    it samples nothing)."""
+    out, decode = [], []
+    for w in works:
+        if w.length == 1 and w.start >= len(w.request.prompt):
+            decode.append((_segment(w, w.start, 1, 1, sample=True), w if w.sample else None))
+            continue
+        assert w.start % chunk == 0, "exact prefill must start on a chunk boundary"
+        for start in range(w.start, w.start + w.length, chunk):
+            n = min(chunk, w.start + w.length - start)
+            last = start + n == w.start + w.length
+            out.append([(_segment(w, start, n, chunk, sample=w.sample and last), w if w.sample and last else None)])
+    for i in range(0, len(decode), decode_rows):
+        group = decode[i : i + decode_rows]
+        out.append(group + [(_PAD_ROW, None)] * (decode_rows - len(group)))
+    return out
+
+
+def _segment(w: Work, start: int, n: int, rows: int, sample: bool | None = None) -> Segment:
+    """Positions start .. start+n-1 of w's request, padded to `rows` rows."""
+    pad = rows - n
+    tokens = w.request.tokens[start : start + n] + [0] * pad
+    slots = torch.cat((w.request.slot_table[: start + n], torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
+    sample = w.sample if sample is None else sample
+    return Segment(tokens, start, slots, n - 1 if sample else None)

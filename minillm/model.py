@@ -3,8 +3,9 @@
     tokens -> embed -> N x [ x + Attention(RMSNorm(x)) ; x + MLP(RMSNorm(x)) ] -> RMSNorm -> lm_head -> logits
 
 Module and parameter names mirror the Hugging Face checkpoints (model.layers.3.self_attn.q_proj.weight...),
-so a checkpoint's tensors load with no renaming. One sequence at a time: activations are [T, hidden] for
-the T tokens of this call, which follow the `cache.length` tokens already in the KV cache.
+so a checkpoint's tensors load with no renaming. Activations are [N, hidden]: the N rows of this forward,
+which may belong to many sequences (each row carries its own position); only attention needs to know
+which rows belong together, and that is the `kv` object's job.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -52,37 +52,48 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.qkv_proj = None  # prepack.py may replace q/k/v_proj by one stacked matrix: one product, not three
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask: torch.Tensor | None, is_causal: bool):
-        T = x.shape[0]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, layer: int, window: int | None):
+        """x [N, hidden]: the rows of this forward (of one or many sequences). kv stores the new keys/values
+        and runs attention over each sequence's own (forward_batch.ForwardBatch, or SequenceKV below)."""
+        N = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([self.q_proj_size, self.kv_proj_size, self.kv_proj_size], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q = q.view(N, self.num_heads, self.head_dim)
+        k = k.view(N, self.num_kv_heads, self.head_dim)
+        v = v.view(N, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, T, head_dim]
-        k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, T, head_dim]
-        keys, values = cache.write(layer, k, v.transpose(0, 1))  # [kv_heads, cached + T, head_dim]
-        # softmax(q k^T / sqrt(head_dim)) v, each query head reading kv head (head // group size).
-        if T == 1:
-            # Decode: the group of query heads that share a kv head (consecutive heads) become that many
-            # query rows against its keys. The same attention (up to rounding), as one dense product per kv
-            # head instead of a kernel built for long query blocks: measured on CPU at 200-1,600 cached
-            # tokens, 2-3x faster in fp32 and 8-12x in bf16.
-            group = self.num_heads // self.num_kv_heads
-            out = F.scaled_dot_product_attention(
-                q.view(1, self.num_kv_heads, group, self.head_dim), keys.unsqueeze(0), values.unsqueeze(0),
-                attn_mask=mask,  # [1, keys]: the one query's mask serves every row
-            )  # [1, kv_heads, group, head_dim]
-            return self.o_proj(out.view(1, self.num_heads * self.head_dim))
+        q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, N, head_dim]
+        k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, N, head_dim]
+        out = kv.attend(layer, window, q, k, v.transpose(0, 1))  # [N, heads * head_dim]
+        return self.o_proj(out)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           is_causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for one sequence, each query head reading kv head (head // group).
+
+    q: [heads, T, head_dim], the sequence's T newest tokens; keys, values: [kv_heads, L, head_dim], all of its
+    tokens so far (the T new ones last). Returns [T, heads * head_dim]."""
+    heads, T, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    if T == 1:
+        # Decode: the group of query heads that share a kv head (consecutive heads) become that many query
+        # rows against its keys. The same attention (up to rounding), as one dense product per kv head
+        # instead of a kernel built for long query blocks: measured on CPU at 200-1,600 cached tokens, 2-3x
+        # faster in fp32 and 8-12x in bf16.
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [1, heads, T, head_dim]
-        return self.o_proj(out[0].transpose(0, 1).reshape(T, self.num_heads * self.head_dim))
+            q.view(1, kv_heads, heads // kv_heads, head_dim), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask,  # [1, keys]: the one query's mask serves every row
+        )  # [1, kv_heads, group, head_dim]
+        return out.view(1, heads * head_dim)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+        attn_mask=mask, is_causal=is_causal, enable_gqa=heads != kv_heads,
+    )  # [1, heads, T, head_dim]
+    return out[0].transpose(0, 1).reshape(T, heads * head_dim)
 
 
 class MLP(nn.Module):
@@ -113,9 +124,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache: KVCache, masks: dict):
-        mask, is_causal = masks[self.sliding_window]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, mask, is_causal)
+    def forward(self, x, cos, sin, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer, self.sliding_window)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -148,6 +158,18 @@ def attention_mask(start: int, T: int, window: int | None, device) -> tuple[torc
     return allowed, False  # [T, start + T] bool
 
 
+class SequenceKV:
+    """Attention for a forward over one whole sequence that keeps nothing: LLM.logits() and training (whose
+    gradients cannot flow through the in-place writes of the KV pool). The generation engine uses
+    forward_batch.ForwardBatch instead, which stores KV in the pool and serves many sequences at once."""
+
+    lengths = None  # one sequence: its length is its last position + 1
+
+    def attend(self, layer: int, window: int | None, q, keys, values) -> torch.Tensor:
+        mask, is_causal = attention_mask(0, q.shape[1], window, q.device)
+        return attend(q, keys, values, mask, is_causal)
+
+
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -156,20 +178,17 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, logit_rows: slice = slice(-1, None)) -> torch.Tensor:
-        """Run tokens [T] (int64) that follow the cache's contents; append their keys/values to the cache.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv, logit_rows=slice(None)) -> torch.Tensor:
+        """Run the rows tokens [N] (int64) at positions [N]: one sequence's tokens, or the rows of many
+        sequences side by side. Every matrix product takes all N rows at once (the weights are read once for
+        all of them); kv.attend stores each row's keys/values and lets it attend within its own sequence.
 
-        Returns the logits [rows, vocab] of the rows picked by logit_rows: by default only the last token's
-        (all that generation needs, and it spares T-1 rows of the largest matrix product); slice(None) for
-        every row. Differentiable: training calls it too; the engine runs it under torch.inference_mode().
+        Returns the logits [rows, vocab] of the rows picked by logit_rows (a slice or index tensor): those that
+        choose a next token. Skipping the others spares rows of the largest matrix product. Differentiable:
+        training calls it too; the engine runs it under torch.inference_mode().
         """
-        start, T = cache.length, tokens.shape[0]
-        cache.reserve(start + T)
-        positions = torch.arange(start, start + T, device=tokens.device)
-        x = self.model.embed_tokens(tokens)  # [T, hidden]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, head_dim]
-        masks = {w: attention_mask(start, T, w, tokens.device) for w in set(self.config.sliding_windows)}
+        x = self.model.embed_tokens(tokens)  # [N, hidden]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, kv.lengths)  # [N, head_dim]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, masks)
-        cache.advance(T)
+            x = layer(x, cos, sin, kv)
         return self.lm_head(self.model.norm(x[logit_rows]))

@@ -74,7 +74,7 @@ def _llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Computes cos/sin for the positions of one forward call; applied to q and k by `apply_rotary`."""
+    """Computes cos/sin for the positions of one forward's rows; applied to q and k by `apply_rotary`."""
 
     def __init__(self, config: ModelConfig):
         self.rope = config.rope
@@ -105,13 +105,21 @@ class RotaryEmbedding:
         )
         return _default_inv_freq(theta, self.dim)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> cos, sin: [T, head_dim] in `dtype` (computed in float32, then cast)."""
-        inv_freq = self.inv_freq
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [N] int64 -> cos, sin: [N, head_dim] in `dtype` (computed in float32, then cast).
+        lengths: [N], the length of each row's sequence after this forward; only dynamic NTK scaling reads it
+        (its frequencies depend on that length). None: one sequence, positions.max() + 1 long."""
         if self.rope.type == "dynamic":
-            inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
-        angles = torch.outer(positions.float(), inv_freq.to(positions.device))  # [T, head_dim/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [T, head_dim]: the same angle for channel i and i+dim/2
+            if lengths is None:
+                lengths = positions.max().expand(positions.shape) + 1
+            angles = torch.empty(positions.shape[0], self.dim // 2, device=positions.device)
+            for length in lengths.unique().tolist():  # the rows of each sequence length share frequencies
+                rows = lengths == length
+                angles[rows] = torch.outer(positions[rows].float(), self._dynamic_inv_freq(length).to(positions.device))
+        else:
+            angles = torch.outer(positions.float(), self.inv_freq.to(positions.device))  # [N, head_dim/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [N, head_dim]: the same angle for channel i and i+dim/2
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)

@@ -28,15 +28,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def load(checkpoint):
-    """load(family, dtype=None, **options) -> minillm.LLM on that checkpoint, loaded once per session."""
+    """load(family, dtype=None, engine=None, **options) -> minillm.LLM on that checkpoint, loaded once per
+    session; every call gives it a fresh engine (empty prefix cache), with `engine` as LLM.configure options."""
     from minillm import LLM
 
     loaded = {}
 
-    def get(family="llama", dtype=None, **options):
+    def get(family="llama", dtype=None, engine=None, **options):
         key = (family, str(dtype), json.dumps(options, sort_keys=True, default=str))
         if key not in loaded:
             loaded[key] = LLM.load(checkpoint(family, **options), dtype=dtype)
+        loaded[key].configure(**(engine or {}))
         return loaded[key]
 
     return get

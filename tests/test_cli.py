@@ -52,7 +52,7 @@ def test_package_imports_without_test_libraries():
         "        if name.split('.')[0] in ('transformers', 'hypothesis', 'pytest'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import minillm, minillm.cli, minillm.engine\n"
+        "import minillm, minillm.cli, minillm.llm, minillm.engine\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

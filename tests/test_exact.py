@@ -6,7 +6,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm import LLM
-from minillm.radix_cache import RadixCache
 
 CHUNK = 16  # small chunks, so short prompts span several
 FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", dict(sliding_window=12))]
@@ -19,13 +18,13 @@ _loaded = {}
 
 @pytest.fixture
 def exact_llm(checkpoint):
-    def get(family, options, dtype):
+    def get(family, options, dtype, **engine):
         key = (family, str(options), dtype)
         if key not in _loaded:
             llm = LLM.load(checkpoint(family, **options), dtype=dtype, exact=True)
-            llm.exact_chunk = CHUNK
             llm.defaults.eos_token_ids = []  # run every step
             _loaded[key] = llm
+        _loaded[key].configure(exact_chunk=CHUNK, **engine)
         return _loaded[key]
 
     return get
@@ -46,9 +45,8 @@ def assert_bitwise_same(a, b):
 @PROPERTY
 @given(prompt=prompts, data=st.data())
 def test_cache_on_and_off_bitwise_equal(exact_llm, family, options, dtype, prompt, data):
-    llm = exact_llm(family, options, dtype)
-    budget = data.draw(st.sampled_from([100_000, 40]), label="cache budget (tokens)")
-    llm.prefix_cache = RadixCache(max_tokens=budget, poison_evicted=True)
+    budget = data.draw(st.sampled_from([100_000, 80]), label="KV pool (tokens)")
+    llm = exact_llm(family, options, dtype, kv_tokens=budget, poison_freed=True)
     for _ in range(data.draw(st.integers(0, 3), label="earlier requests")):
         cut = data.draw(st.integers(1, len(prompt)), label="shared length")
         tail = data.draw(st.lists(st.integers(2, 299), max_size=20), label="other tail")
@@ -63,7 +61,7 @@ def test_cache_on_and_off_bitwise_equal(exact_llm, family, options, dtype, promp
     seed = data.draw(st.integers(0, 2**32), label="seed")
     sampled = [run(llm, prompt, cache=c, temperature=0.9, top_p=0.9, seed=seed) for c in (False, True)]
     assert_bitwise_same(*sampled)
-    llm.prefix_cache.check_invariants()
+    llm.engine.scheduler.check_invariants()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -73,7 +71,6 @@ def test_cache_on_and_off_bitwise_equal(exact_llm, family, options, dtype, promp
 def test_same_prompts_in_any_order_give_the_same_bits(exact_llm, dtype, base, tails, order):
     llm = exact_llm("qwen2", {}, dtype)
     requests = [base + t for t in tails]
-    llm.prefix_cache = RadixCache(max_tokens=100_000)
     cold = [run(llm, p, cache=False, temperature=0) for p in requests]
     shuffled = list(range(len(requests)))
     order.shuffle(shuffled)
@@ -84,7 +81,6 @@ def test_same_prompts_in_any_order_give_the_same_bits(exact_llm, dtype, base, ta
 
 def test_reuse_is_in_whole_chunks_and_decode_kv_is_not_cached(exact_llm):
     llm = exact_llm("llama", {}, torch.float32)
-    llm.prefix_cache = RadixCache(max_tokens=100_000)
     prompt = list(range(2, 52))  # 50 tokens
     first = run(llm, prompt, cache=True, temperature=0)
     assert first.cached_tokens == 0
@@ -98,11 +94,12 @@ def test_bitwise_on_the_bundled_model_with_prepacked_weights():
     kernels real blocking to do. Exact mode must hold with the default weights there too."""
     llm = LLM.load(dtype="float32", exact=True)
     llm.defaults.eos_token_ids = []
+    chunk = 64
     text = "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
     doc = llm.tokenizer.encode(text * 8)
-    assert len(doc) > 3 * llm.exact_chunk
-    llm.generate(doc[: 2 * llm.exact_chunk + 5] + [7, 8, 9], max_new_tokens=3)  # caches two whole chunks
+    assert len(doc) > 3 * chunk
+    llm.generate(doc[: 2 * chunk + 5] + [7, 8, 9], max_new_tokens=3)  # caches two whole chunks
     cold = run(llm, doc, cache=False, temperature=0)
     warm = run(llm, doc, cache=True, temperature=0)
-    assert warm.cached_tokens == 2 * llm.exact_chunk
+    assert warm.cached_tokens == 2 * chunk
     assert_bitwise_same(cold, warm)

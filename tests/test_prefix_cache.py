@@ -7,9 +7,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minillm.kv_cache import KVCache
-from minillm.radix_cache import RadixCache
-
 FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", dict(sliding_window=8))]
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,26 +28,22 @@ def assert_same_greedy(llm, prompt, cached, cold):
 @given(prompt=prompts, data=st.data())
 def test_cache_hit_logits_equal_cold_logits(load, family, options, prompt, data):
     llm = load(family, **options)
-    llm.prefix_cache.clear()
     split = data.draw(st.integers(1, len(prompt) - 1), label="split")
     for _ in range(data.draw(st.integers(0, 3), label="earlier requests")):  # unrelated or overlapping history
         other = data.draw(prompts, label="earlier")
         llm.generate(other, max_new_tokens=2, temperature=0)
     llm.generate(prompt[:split], max_new_tokens=1, temperature=0)  # caches the first `split` tokens
-    kv = KVCache(llm.config, len(prompt), llm.dtype)
-    logits, match, _ = llm._prefill(prompt, kv, use_prefix_cache=True)
-    llm.prefix_cache.unlock(match.node)
-    assert split <= match.length <= len(prompt) - 1
-    torch.testing.assert_close(logits[0], llm.logits(prompt)[-1], atol=1e-5, rtol=0)
+    hit = llm.generate(prompt, max_new_tokens=1, temperature=0, return_logits=True)
+    assert split <= hit.cached_tokens <= len(prompt) - 1
+    torch.testing.assert_close(hit.logits[0], llm.logits(prompt)[-1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family,options", FAMILIES)
 @PROPERTY
 @given(prompt=prompts, data=st.data())
 def test_greedy_generation_same_with_cache_on_and_off_under_eviction(load, family, options, prompt, data):
-    llm = load(family, **options)
-    budget = data.draw(st.sampled_from([10_000, 48, 16]), label="cache budget (tokens)")
-    llm.prefix_cache = RadixCache(max_tokens=budget, poison_evicted=True)
+    budget = data.draw(st.sampled_from([10_000, 64, 52]), label="KV pool (tokens)")
+    llm = load(family, engine=dict(kv_tokens=budget, poison_freed=True), **options)
     for _ in range(data.draw(st.integers(0, 3), label="earlier requests")):
         cut = data.draw(st.integers(1, len(prompt)), label="shared part")
         tail = data.draw(st.lists(st.integers(2, 299), max_size=10), label="other tail")
@@ -63,12 +56,11 @@ def test_greedy_generation_same_with_cache_on_and_off_under_eviction(load, famil
     if budget == 10_000:
         assert again.cached_tokens == len(prompt) - 1  # ...all but the last token, whose logits are needed
     assert_same_greedy(llm, prompt, again.token_ids, cold.token_ids)
-    llm.prefix_cache.check_invariants()
+    llm.engine.scheduler.check_invariants()
 
 
 def test_eviction_never_touches_kv_a_running_request_holds(load):
-    llm = load("qwen3")
-    llm.prefix_cache = RadixCache(max_tokens=40, poison_evicted=True)
+    llm = load("qwen3", engine=dict(kv_tokens=72, poison_freed=True))
     rng = random.Random(0)
     prompt = [rng.randrange(2, 300) for _ in range(30)]
     expected = llm.generate(prompt, max_new_tokens=12, temperature=0, use_prefix_cache=False).token_ids
@@ -76,10 +68,10 @@ def test_eviction_never_touches_kv_a_running_request_holds(load):
     stream = llm.stream(prompt, max_new_tokens=12, temperature=0)
     iterator = iter(stream)
     next(iterator)  # the request is running: its prefix is matched and locked
-    for i in range(6):  # other requests fill the cache far past its budget
+    for i in range(6):  # other requests fill the pool far past its size
         llm.generate([rng.randrange(2, 300) for _ in range(25)], max_new_tokens=3, temperature=0)
     assert llm.prefix_cache.stats.evicted_tokens > 0
-    llm.prefix_cache.check_invariants()
+    llm.engine.scheduler.check_invariants()
     for _ in iterator:
         pass
     result = stream.completion

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm.config import parse_config  # noqa: E402
-from minillm.model import CausalLM  # noqa: E402
+from minillm.model import CausalLM, SequenceKV  # noqa: E402
 
 EOT = "<|endoftext|>"  # separates files; also the model's EOS
 
@@ -101,25 +101,10 @@ def init_weights(model: CausalLM, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-class WindowOnly:
-    """Stands in for the KVCache in training: attention sees just this window and nothing is kept. (The real
-    cache writes every layer into one shared buffer in place, which autograd cannot differentiate through.)"""
-
-    length = 0
-
-    def reserve(self, capacity: int) -> None:
-        pass
-
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        return keys, values
-
-    def advance(self, num_tokens: int) -> None:
-        pass
-
-
 def sequence_loss(model: CausalLM, window: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of one window [seq_len + 1]."""
-    logits = model(window[:-1], WindowOnly(), logit_rows=slice(None))
+    tokens = window[:-1]
+    logits = model(tokens, torch.arange(len(tokens)), SequenceKV())  # attention within the window, nothing kept
     return F.cross_entropy(logits, window[1:])
 
 

@@ -1,0 +1,84 @@
+"""One forward pass over the rows of many sequences, with their KV in the shared pool.
+
+A step of the engine feeds, side by side, a prefill chunk of one request, a decode token of each of several
+others, and so on. The model's matrix products take all rows at once (the weights are read once for all of
+them: that is where batching's throughput comes from); attention is the one place where rows must stay
+with their own sequence:
+
+    rows:      [ a a a a | b | c | d ]       request a: 4 prompt tokens; b, c, d: one decode token each
+    write:     each row's new keys/values -> its slot in the pool
+    attend:    for each sequence, gather its slots (cached prefix from the tree + its own) and attend
+               its query rows over them, causally
+
+Gathering copies a sequence's keys and values into one contiguous block per layer (index_select), the shape
+the attention kernels read; the pool itself is never copied. A cache hit therefore costs no copy at all
+beyond what every step gathers anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_pool import KVPool
+from .model import CausalLM, attend, attention_mask
+
+
+@dataclass
+class Segment:
+    """One sequence's rows: tokens at positions start .. start + len(tokens) - 1."""
+
+    tokens: list[int]
+    start: int
+    slots: torch.Tensor  # [start + len(tokens)] int64: the pool slot of every position up to the last row
+    logit_row: int | None = None  # the row (within the segment) whose logits are wanted, if any
+
+
+class ForwardBatch:
+    """The `kv` argument of CausalLM.forward for pooled, batched attention."""
+
+    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device | str):
+        self.pool, self.segments = pool, segments
+        bounds, row = [], 0
+        for s in segments:
+            bounds.append((row, row + len(s.tokens)))
+            row += len(s.tokens)
+        self.bounds = bounds  # [(first row, end row)] of each segment
+        self.write_slots = torch.cat([s.slots[s.start :] for s in segments]).to(device)  # [N]
+        self.positions = torch.cat([torch.arange(s.start, s.start + len(s.tokens)) for s in segments]).to(device)
+        self.lengths = torch.cat([torch.full((len(s.tokens),), s.start + len(s.tokens)) for s in segments]).to(device)
+        self.tokens = torch.tensor([t for s in segments for t in s.tokens], device=device)  # [N]
+        self.logit_rows = torch.tensor(
+            [b[0] + s.logit_row for s, b in zip(segments, bounds) if s.logit_row is not None], dtype=torch.int64,
+            device=device)  # [R]
+        self.gather = [s.slots.to(device) for s in segments]
+        self._masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
+
+    def _mask(self, i: int, window: int | None):
+        key = (i, window)
+        if key not in self._masks:  # once per sequence and window, not per layer
+            s = self.segments[i]
+            self._masks[key] = attention_mask(s.start, len(s.tokens), window, self.write_slots.device)
+        return self._masks[key]
+
+    def attend(self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> torch.Tensor:
+        """q: [heads, N, head_dim]; keys, values: [kv_heads, N, head_dim] of the N rows. Stores the keys and
+        values in the rows' slots, then attends each sequence's rows over its own slots: [N, heads * head_dim]."""
+        pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # [kv_heads, slots, head_dim]
+        pool_keys.index_copy_(1, self.write_slots, keys)
+        pool_values.index_copy_(1, self.write_slots, values)
+        outs = []
+        for i, (first, end) in enumerate(self.bounds):
+            seq_keys = pool_keys.index_select(1, self.gather[i])  # [kv_heads, start + T, head_dim]
+            seq_values = pool_values.index_select(1, self.gather[i])
+            outs.append(attend(q[:, first:end], seq_keys, seq_values, *self._mask(i, window)))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def run(model: CausalLM, pool: KVPool, segments: list[Segment]) -> torch.Tensor:
+    """One forward over the segments' rows; logits [R, vocab] (float32) of the rows that asked for them, in
+    segment order."""
+    batch = ForwardBatch(pool, segments, pool.keys.device)
+    return model(batch.tokens, batch.positions, batch, logit_rows=batch.logit_rows).float()

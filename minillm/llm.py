@@ -1,0 +1,214 @@
+"""LLM: load a checkpoint and generate, one prompt or many at once.
+
+    llm = LLM.load("path/or/hub-id")
+    llm.generate("Hello")                 -> Completion
+    llm.generate(["Hi", "Hello"])         -> [Completion, Completion], computed concurrently
+    for piece in llm.stream("Hello"): ... -> text as it is generated
+
+Everything runs through one Engine (engine.py): requests are batched step by step over a shared KV pool,
+and the radix tree finds the prefixes already computed. Generation ends at an EOS token, at a stop string,
+or after max_new_tokens (finish_reason "stop" or "length").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import exact as exact_mode
+from .config import DTYPES, ModelConfig, load_config
+from .engine import Engine
+from .errors import MinillmError
+from .kv_pool import KVPool, kv_bytes_per_token
+from .loader import load_model, resolve_model_dir
+from .model import CausalLM, SequenceKV
+from .request import Completion, Request, RequestHandle
+from .sampling import Sampler, SamplingParams
+from .scheduler import POLICIES, Scheduler
+from .tokenizer import StopStrings, StreamDecoder, Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_KV_MB = 1024
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_PREFILL_TOKENS = 512
+
+
+def bundled_model() -> Path:
+    """The small model that ships with minillm: inside the installed package (a wheel puts weights/ there), or
+    in a repository checkout's weights/ folder (an editable install)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "weights", here.parent / "weights"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise MinillmError(f"no model given and the bundled model is missing (looked in {here / 'weights'}); pass --model")
+
+
+@dataclass
+class GenerationDefaults:
+    """What the checkpoint's generation_config.json asks for, used where a request leaves a setting out."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: ModelConfig) -> "GenerationDefaults":
+        raw = {}
+        path = folder / "generation_config.json"
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise MinillmError(f"{path} is not valid JSON ({e})") from None
+        eos = raw.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        sampling = SamplingParams()
+        if raw.get("do_sample"):  # as in transformers, sampling settings apply only when do_sample is set
+            sampling.temperature = float(raw.get("temperature", 1.0))
+            sampling.top_k = int(raw.get("top_k") or 0)
+            sampling.top_p = float(raw.get("top_p", 1.0))
+            sampling.min_p = float(raw.get("min_p") or 0.0)
+        sampling.repetition_penalty = float(raw.get("repetition_penalty", 1.0))
+        return cls(
+            sampling=sampling,
+            max_new_tokens=int(raw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            eos_token_ids=sorted(set(eos_ids) | set(config.eos_token_ids)),
+        )
+
+
+class LLM:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
+                 exact: bool = False, **engine_options):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.device = device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.exact = exact  # see exact.py: bitwise the same logits with the cache on or off, alone or batched
+        self.configure(**engine_options)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
+             exact: bool = False, prepack: bool | None = None, **engine_options) -> "LLM":
+        """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
+        keeps the checkpoint's own; "float32", "bfloat16" or "float16" converts the weights as they load.
+        exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
+        wherever available, i.e. on CPU in float32/bfloat16); False keeps plain F.linear, whose float32
+        results are bitwise transformers'. engine_options: see configure()."""
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        folder = bundled_model() if model is None else resolve_model_dir(str(model))
+        config = load_config(folder)
+        tokenizer = Tokenizer(folder)
+        network = load_model(folder, config, dtype, device, prepack)
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, **engine_options)
+
+    def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, schedule_policy: str = "lpm",
+                  prefix_cache: bool = True, exact_chunk: int = exact_mode.DEFAULT_CHUNK,
+                  exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS, poison_freed: bool = False) -> None:
+        """(Re)build the engine: a fresh KV pool and an empty prefix cache.
+        kv_mb: memory for the KV pool, shared by running requests and the prefix cache (kv_tokens: its size in
+        tokens instead). max_batch: requests running at once. max_prefill_tokens: prompt tokens per step
+        (longer prompts are prefilled in chunks over several steps). schedule_policy: "lpm" (longest cached
+        prefix first) or "fcfs". prefix_cache: False computes every prompt whole. exact_chunk,
+        exact_decode_rows: exact mode's tile sizes. poison_freed: debug, fill freed KV with NaN."""
+        if schedule_policy not in POLICIES:
+            raise MinillmError(f"unknown schedule policy {schedule_policy!r}; choose one of {', '.join(POLICIES)}")
+        for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens),
+                            ("exact_chunk", exact_chunk), ("exact_decode_rows", exact_decode_rows)):
+            if value < 1:
+                raise MinillmError(f"{name} must be at least 1, got {value}")
+        if kv_tokens is None:
+            kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.config, self.dtype)
+        if kv_tokens < 2:
+            raise MinillmError(f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb")
+        pool = KVPool(self.config, kv_tokens + 1, self.dtype, self.device, poison_freed)
+        # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
+        # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
+        dynamic = self.config.rope.type == "dynamic"
+        scheduler = Scheduler(
+            pool, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, policy=schedule_policy,
+            prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
+            cache_decode_kv=not self.exact, chunk_prefill=not dynamic,
+        )
+        self.engine = Engine(self.model, scheduler, self.exact, exact_chunk, exact_decode_rows)
+
+    @property
+    def prefix_cache(self):
+        """The radix tree (radix_cache.RadixCache): its stats, total_tokens, check_invariants()."""
+        return self.engine.scheduler.tree
+
+    # -- inputs ---------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids or prompt == "":  # "" alone may still encode to a BOS token
+            raise MinillmError("the prompt is empty; give some text or token ids")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise MinillmError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        limit = min(self.config.context_length, self.engine.pool.num_slots)
+        if len(ids) >= limit:
+            where = "model's context" if limit == self.config.context_length else "KV pool (raise --kv-mb)"
+            raise MinillmError(
+                f"the prompt has {len(ids)} tokens but the {where} holds {limit} (prompt plus at least one new token); shorten it"
+            )
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
+        ids = torch.tensor(self.prompt_ids(list(token_ids)), device=self.device)
+        return self.model(ids, torch.arange(len(ids), device=self.device), SequenceKV()).float()
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def request(self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
+                use_prefix_cache: bool = True, return_logits: bool = False, **sampling_options) -> Request:
+        """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+        unknown = set(sampling_options) - set(names)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        base = self.defaults.sampling
+        sampling = SamplingParams(
+            **{n: getattr(base, n) if sampling_options.get(n) is None else sampling_options[n] for n in names}
+        )
+        max_new_tokens = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new_tokens < 1:
+            raise MinillmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        sampler = Sampler(sampling)  # validates the settings
+        ids = self.prompt_ids(prompt)
+        return Request(
+            ids, sampler, StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
+            StreamDecoder(self.tokenizer), min(max_new_tokens, self.config.context_length - len(ids)),
+            set(self.defaults.eos_token_ids), use_prefix_cache, return_logits,
+        )
+
+    def submit(self, prompt: str | list[int], **options) -> RequestHandle:
+        """Queue a request in the engine; iterate the handle for its text, or call .result()."""
+        return self.engine.submit(self.request(prompt, **options))
+
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], **options) -> Completion | list[Completion]:
+        """Generate a completion; given a list of prompts, a list of completions computed concurrently (up to
+        max_batch at a time). Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+        seed, stop (a string or list of strings), use_prefix_cache (default True), return_logits (keep each
+        step's raw logits in Completion.logits). Unset options take the checkpoint's generation_config.json
+        defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            requests = [self.request(p, **options) for p in prompt]  # all checked before any runs
+            return [h.result() for h in [self.engine.submit(r) for r in requests]]
+        return self.submit(prompt, **options).result()
+
+    def stream(self, prompt: str | list[int], **options) -> RequestHandle:
+        """Like generate, but iterate over the result to receive text as it is produced; afterwards
+        `.completion` holds the Completion. Bad settings are reported here, before anything runs."""
+        return self.submit(prompt, **options)

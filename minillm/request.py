@@ -1,0 +1,215 @@
+"""One request's life in the engine: its tokens, where their KV lives, how it picks tokens and streams text.
+
+    waiting --admit--> running (prefill chunks, then one decode row per step) --> finished
+       ^                  |
+       +----preempt-------+   (its KV goes to the tree, its slots are freed; it resumes later)
+
+KV bookkeeping, positions of `tokens` (prompt, then generated):
+    [0, num_cached)              slots held by the radix tree, locked through `node`
+    [num_cached, num_allocated)  slots this request owns (allocated, maybe not yet computed)
+    [0, num_computed)            positions whose KV is in the pool
+`slot_table[p]` is the pool slot of position p. A preempted request keeps its generated tokens, sampler
+state and streamed text; on resuming it recomputes (or finds in the tree) their KV, feeding the generated
+tokens back as decode rows without sampling ("replay"), so its output is what it would have been.
+
+A handle is what the caller holds: iterate it for text pieces, read `.completion` when done, `abort()`.
+Pieces travel through a thread-safe queue, so a server's handler threads can read while one engine thread
+steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from .sampling import Sampler
+from .tokenizer import StopStrings, StreamDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .radix_cache import Node
+
+_ids = itertools.count(1)
+_DONE = None  # end of a handle's stream
+
+
+@dataclass
+class Completion:
+    text: str  # generated text, stop string and everything after it removed
+    token_ids: list[int]  # generated ids only (an EOS id that ended generation is included)
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens, context or KV pool full), "abort"
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    computed_tokens: int = 0  # prompt tokens prefilled by the model (prompt_tokens - cached_tokens)
+    prefill_s: float = 0.0  # from admission to the first token (the prompt's prefill, maybe in chunks)
+    ttft_s: float = 0.0  # time to first token, from submission: waiting, prefill, choosing the token
+    decode_s: float = 0.0  # time of every step after the first token
+    logits: torch.Tensor | None = None  # [new tokens, vocab] float32 raw logits of each step, if asked for
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.computed_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = len(self.token_ids) - 1  # the first token came from prefill
+        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason, "cached_tokens": self.cached_tokens,
+            "computed_tokens": self.computed_tokens, "ttft_s": self.ttft_s,
+            "timings": {
+                "prefill_s": self.prefill_s, "ttft_s": self.ttft_s, "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+            },
+        }
+
+
+class Request:
+    def __init__(self, prompt: list[int], sampler: Sampler, stops: StopStrings, detok: StreamDecoder,
+                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool = True, return_logits: bool = False):
+        self.id = next(_ids)
+        self.prompt = prompt
+        self.generated: list[int] = []
+        self.sampler, self.stops, self.detok = sampler, stops, detok
+        self.max_new_tokens = max_new_tokens  # already capped so prompt + output fits the context
+        self.eos_ids = eos_ids
+        self.use_prefix_cache = use_prefix_cache
+        self.return_logits = return_logits
+        self.step_logits: list[torch.Tensor] = []
+        # Repetition-penalty history (prompt and output), kept only when the penalty is used.
+        self.seen = torch.tensor(prompt) if sampler.params.repetition_penalty != 1.0 else None
+
+        self.slot_table = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.int64)  # position -> pool slot
+        self.node: Node | None = None  # locked end of the cached prefix
+        self.num_cached = self.num_allocated = self.num_computed = 0
+        self.prompt_cached = False  # the prompt's KV has been handed to the tree
+        self.cached_tokens: int | None = None  # prompt tokens reused at first admission (reported)
+        self.passed_over = 0  # times a later request was admitted first (aging, see scheduler.py)
+
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submit_time = time.perf_counter()
+        self.admit_time = self.first_token_time = self.finish_time = 0.0
+        self.pieces: queue.Queue = queue.Queue()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def owned_slots(self) -> torch.Tensor:
+        return self.slot_table[self.num_cached : self.num_allocated]
+
+    # -- choosing tokens ------------------------------------------------------------------------------
+
+    def accept(self, logits: torch.Tensor) -> None:
+        """The step computed the logits [1, vocab] (float32) of this request's last token: pick the next token,
+        stream its text, and decide whether the request is done."""
+        if self.return_logits:
+            self.step_logits.append(logits)
+        token = self.sampler(logits, self.seen)
+        self.generated.append(token)
+        if len(self.generated) == 1:
+            self.first_token_time = time.perf_counter()
+        if self.seen is not None:
+            self.seen = torch.cat((self.seen, torch.tensor([token])))
+        if token in self.eos_ids:
+            self.finish("stop")
+            return
+        self._emit(self.stops.feed(self.detok.push(token)))
+        if self.stops.stopped:
+            self.finish("stop")
+        elif len(self.generated) == self.max_new_tokens:
+            self.finish("length")
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.put(piece)
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        """Mark the request done and release the rest of its text (the engine frees its KV)."""
+        self.finish_reason, self.error = reason, error
+        self.finish_time = time.perf_counter()
+        if not self.stops.stopped and error is None:
+            self._emit(self.stops.feed(self.detok.flush()) + self.stops.finish())
+        self.pieces.put(_DONE)
+
+    def completion(self) -> Completion:
+        cached = self.cached_tokens or 0
+        first = self.first_token_time or self.finish_time
+        return Completion(
+            text=self.stops.text, token_ids=list(self.generated), prompt_tokens=len(self.prompt),
+            finish_reason=self.finish_reason, cached_tokens=cached, computed_tokens=len(self.prompt) - cached,
+            prefill_s=first - self.admit_time if self.admit_time else 0.0, ttft_s=first - self.submit_time,
+            decode_s=self.finish_time - first,
+            logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
+        )
+
+
+class RequestHandle:
+    """Iterate for the text as it is generated; afterwards (or from `result()`) the Completion.
+
+    Without a background thread driving the engine, iterating steps the engine itself (every running request
+    advances, not just this one). Leaving the loop early aborts the request."""
+
+    def __init__(self, request: Request, engine: "Engine"):
+        self.request = request
+        self.engine = engine
+        self.completion: Completion | None = None
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    def __iter__(self) -> Iterator[str]:
+        if self.completion is not None:  # already read to the end
+            return
+        try:
+            while True:
+                try:
+                    piece = self.request.pieces.get_nowait()
+                except queue.Empty:
+                    if self.engine.threaded:
+                        piece = self.request.pieces.get()
+                    else:
+                        if not self.engine.step():
+                            raise RuntimeError(f"request {self.id} is not done but the engine has no work")
+                        continue
+                if piece is _DONE:
+                    break
+                yield piece
+        finally:
+            if self.request.finish_reason is None:  # the caller left early
+                self.abort()
+        if self.request.error is not None:
+            raise self.request.error
+        self.completion = self.request.completion()
+
+    def result(self) -> Completion:
+        """Wait for the request to finish; its Completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    def abort(self) -> None:
+        """Stop the request; its slots are freed and its locks released at the engine's next step."""
+        self.engine.abort(self.request)

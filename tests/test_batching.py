@@ -1,0 +1,284 @@
+"""Continuous batching: a request's output does not depend on what else runs, when it arrives, or how
+tight the KV pool is; and the pool's bookkeeping holds after every step."""
+
+import random
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from minillm import LLM
+
+PROPERTY = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_exact = {}
+
+
+@pytest.fixture
+def exact_llm(checkpoint):
+    def get(family="qwen2", dtype=torch.float32, **engine):
+        key = (family, dtype)
+        if key not in _exact:
+            _exact[key] = LLM.load(checkpoint(family), dtype=dtype, exact=True)
+        _exact[key].configure(exact_chunk=16, exact_decode_rows=4, **engine)
+        return _exact[key]
+
+    return get
+
+
+@st.composite
+def workloads(draw, max_requests=6):
+    """Requests that share prefixes (a few bases, random tails), arrive at random steps, greedy or seeded
+    sampling, with their own max_new_tokens and sometimes a stop string."""
+    bases = draw(st.lists(st.lists(st.integers(2, 299), min_size=1, max_size=30), min_size=1, max_size=3))
+    requests = []
+    for _ in range(draw(st.integers(1, max_requests))):
+        base = draw(st.sampled_from(bases))
+        prompt = base + draw(st.lists(st.integers(2, 299), min_size=1, max_size=12))
+        options = dict(max_new_tokens=draw(st.integers(1, 8)))
+        if draw(st.booleans()):
+            options.update(temperature=0.9, top_p=0.95, seed=draw(st.integers(0, 2**31)))
+        else:
+            options.update(temperature=0)
+        if draw(st.integers(0, 3)) == 0:
+            options["stop"] = draw(st.sampled_from(["e", "\n", " t"]))
+        requests.append((draw(st.integers(0, 6)), prompt, options))
+    return requests
+
+
+def run_batched(llm, workload):
+    """Submit each request at its arrival step; step until all are done, checking the slot accounting after
+    every step. Returns the completions in workload order."""
+    engine = llm.engine
+    handles = [None] * len(workload)
+    step = 0
+    while step <= max(a for a, _, _ in workload) or engine.scheduler.has_work:
+        for i, (arrival, prompt, options) in enumerate(workload):
+            if arrival == step:
+                handles[i] = llm.submit(prompt, return_logits=True, **options)
+        engine.step()
+        engine.scheduler.check_invariants()
+        step += 1
+    return [h.result() for h in handles]
+
+
+def run_alone(llm, workload):
+    results = []
+    for _, prompt, options in workload:
+        llm.configure(kv_tokens=4096)  # empty cache, nothing else running
+        results.append(llm.generate(prompt, return_logits=True, use_prefix_cache=False, **options))
+    return results
+
+
+def assert_close_runs(batched, alone, atol):
+    for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        torch.testing.assert_close(b.logits, a.logits, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@PROPERTY
+@given(workload=workloads(), kv_tokens=st.sampled_from([4096, 90]), max_batch=st.sampled_from([16, 2]))
+def test_batched_equals_one_at_a_time(load, family, workload, kv_tokens, max_batch):
+    """fp32, fast mode: the same tokens, logits within 1e-4, also with a pool so small that requests are
+    evicted and preempted, and with a batch cap that keeps requests waiting."""
+    options = dict(sliding_window=8) if family == "mistral" else {}
+    llm = load(family, **options)
+    llm.defaults.eos_token_ids = []
+    alone = run_alone(llm, workload)
+    llm.configure(kv_tokens=kv_tokens, max_batch=max_batch, max_prefill_tokens=24, poison_freed=True)
+    assert_close_runs(run_batched(llm, workload), alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@PROPERTY
+@given(workload=workloads(), kv_tokens=st.sampled_from([4096, 90]))
+def test_exact_mode_batched_bitwise_equals_one_at_a_time(exact_llm, dtype, workload, kv_tokens):
+    llm = exact_llm(dtype=dtype)
+    llm.defaults.eos_token_ids = []
+    alone = run_alone(llm, workload)
+    llm.configure(kv_tokens=kv_tokens, exact_chunk=16, exact_decode_rows=4, max_prefill_tokens=32, poison_freed=True)
+    assert_close_runs(run_batched(llm, workload), alone, atol=0)  # atol 0 with rtol 0: torch.equal
+
+
+def test_preempted_request_resumes_bitwise_as_if_uninterrupted(exact_llm):
+    llm = exact_llm()
+    llm.defaults.eos_token_ids = []
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 300) for _ in range(20)] for _ in range(3)]
+    alone = run_alone(llm, [(0, p, dict(max_new_tokens=30, temperature=0.8, seed=i)) for i, p in enumerate(prompts)])
+    llm.configure(kv_tokens=80, exact_chunk=16, exact_decode_rows=4, poison_freed=True)  # 3 x 50 tokens do not fit
+    batched = run_batched(llm, [(0, p, dict(max_new_tokens=30, temperature=0.8, seed=i)) for i, p in enumerate(prompts)])
+    assert llm.engine.scheduler.preemptions > 0
+    assert_close_runs(batched, alone, atol=0)
+
+
+def test_abort_frees_everything(load):
+    llm = load("llama", engine=dict(kv_tokens=200))
+    pool = llm.engine.pool
+    running = llm.submit(list(range(2, 40)), max_new_tokens=50, temperature=0)
+    waiting = llm.submit(list(range(5, 30)), max_new_tokens=50, temperature=0)
+    for _ in range(3):
+        llm.engine.step()
+    running.abort()
+    waiting.abort()
+    llm.engine.step()
+    assert running.result().finish_reason == "abort" and waiting.result().finish_reason == "abort"
+    assert not llm.engine.scheduler.has_work
+    llm.engine.scheduler.check_invariants()
+    assert llm.prefix_cache.protected_tokens == 0  # nothing locked
+    assert pool.free_slots + llm.prefix_cache.total_tokens == pool.num_slots
+
+
+def test_leaving_a_stream_early_aborts_the_request(load):
+    llm = load("llama", engine=dict(kv_tokens=200))
+    llm.defaults.eos_token_ids = []
+    stream = llm.stream(list(range(2, 40)), max_new_tokens=50, temperature=1.0, seed=0)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    llm.engine.step()
+    assert not llm.engine.scheduler.has_work and llm.prefix_cache.protected_tokens == 0
+    llm.engine.scheduler.check_invariants()
+
+
+def test_concurrent_requests_sharing_a_prefix_hold_it_once(load):
+    """16 requests with one 48-token prefix, submitted together: one computes the prefix, the others wait a
+    step and reuse it, so the pool holds the prefix once (plus each request's own tokens)."""
+    llm = load("llama", engine=dict(kv_tokens=4096))
+    prefix = list(range(2, 50))
+    handles = [llm.submit(prefix + [100 + i, 200 + i], max_new_tokens=4, temperature=0) for i in range(16)]
+    peak = 0
+    while llm.engine.step():
+        used = llm.engine.pool.num_slots - llm.engine.pool.free_slots
+        peak = max(peak, used)
+    results = [h.result() for h in handles]
+    assert sum(r.cached_tokens >= len(prefix) for r in results) == 15
+    assert peak <= len(prefix) + 16 * (2 + 4)  # the prefix once, each request's 2 prompt + 4 new tokens
+
+
+def test_lpm_admits_longest_cached_prefix_first_and_aging_bounds_the_wait(load):
+    llm = load("llama", engine=dict(kv_tokens=4096, max_batch=1))
+    shared = list(range(2, 40))
+    llm.generate(shared + [5], max_new_tokens=1, temperature=0)  # cache the shared prefix
+    loner = llm.submit([299] * 20, max_new_tokens=2, temperature=0)  # nothing cached: LPM puts it last
+    hits = [llm.submit(shared + [60 + i], max_new_tokens=2, temperature=0) for i in range(20)]
+    finished_before_loner = 0
+    while not loner.request.finished:
+        llm.engine.step()
+        for h in hits:
+            if h.request.finished and not getattr(h, "counted", False):
+                h.counted = True
+                finished_before_loner += 1
+    # the first hit ran before the loner, and the loner ran after at most max_passed_over (16) others
+    assert 1 <= finished_before_loner <= llm.engine.scheduler.max_passed_over + 1
+    llm.engine.run_until_done()
+    fcfs = load("llama", engine=dict(kv_tokens=4096, max_batch=1, schedule_policy="fcfs"))
+    first = fcfs.submit([299] * 20, max_new_tokens=2, temperature=0)
+    later = fcfs.submit(list(range(2, 40)), max_new_tokens=2, temperature=0)
+    while not first.request.finished:
+        fcfs.engine.step()
+    assert not later.request.finished
+
+
+def test_background_thread_serves_concurrent_submitters(load):
+    llm = load("qwen2", engine=dict(kv_tokens=2048))
+    llm.defaults.eos_token_ids = []
+    prompts = [[7, 8, 9] + [i + 2] * (i + 3) for i in range(8)]
+    expected = [llm.generate(p, max_new_tokens=6, temperature=0, use_prefix_cache=False).text for p in prompts]
+    llm.engine.start()
+    try:
+        results = [None] * len(prompts)
+
+        def client(i):
+            results[i] = "".join(llm.stream(prompts[i], max_new_tokens=6, temperature=0))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == expected
+    finally:
+        llm.engine.stop()
+    llm.engine.scheduler.check_invariants()
+
+
+def test_a_failing_forward_ends_every_request_and_frees_its_slots(load, monkeypatch):
+    llm = load("llama", engine=dict(kv_tokens=300))
+    handles = [llm.submit(list(range(2, 20 + i)), max_new_tokens=5, temperature=0) for i in range(3)]
+    llm.engine.step()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr("minillm.forward_batch.run", broken)
+    with pytest.raises(RuntimeError, match="planted"):
+        llm.engine.step()
+    for h in handles:
+        with pytest.raises(RuntimeError, match="planted"):
+            h.result()
+    llm.engine.scheduler.check_invariants()
+    assert not llm.engine.scheduler.has_work and llm.prefix_cache.protected_tokens == 0
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Pool + tree + scheduler under random submits, steps and aborts, with a pool small enough that
+    eviction and preemption happen all the time; every finished request must equal its lone run."""
+
+    def __init__(self):
+        super().__init__()
+        self.llm = EngineMachine.llm
+        self.llm.configure(kv_tokens=60, max_batch=3, max_prefill_tokens=8, poison_freed=True)
+        self.handles = []
+
+    @rule(base=st.sampled_from([[5, 6, 7, 8, 9, 10], [5, 6, 7, 30], [40]]), tail=st.lists(st.integers(2, 299), max_size=8),
+          new=st.integers(1, 10))
+    def submit(self, base, tail, new):
+        self.handles.append((base + tail, new, self.llm.submit(base + tail, max_new_tokens=new, temperature=0)))
+
+    @rule()
+    def step(self):
+        self.llm.engine.step()
+
+    @precondition(lambda self: self.handles)
+    @rule(index=st.integers(0, 100))
+    def abort(self, index):
+        self.handles[index % len(self.handles)][2].abort()
+
+    @invariant()
+    def accounting_holds(self):
+        self.llm.engine.scheduler.check_invariants()
+
+    def teardown(self):
+        self.llm.engine.run_until_done()
+        self.llm.engine.scheduler.check_invariants()
+        for prompt, new, handle in self.handles:
+            result = handle.result()
+            if result.finish_reason != "abort":
+                assert result.token_ids == EngineMachine.alone(prompt, new)
+
+
+@pytest.fixture
+def engine_machine(load):
+    llm = load("llama")
+    llm.defaults.eos_token_ids = []
+    memo = {}
+
+    def alone(prompt, new):
+        key = (tuple(prompt), new)
+        if key not in memo:
+            memo[key] = llm.generate(prompt, max_new_tokens=new, temperature=0, use_prefix_cache=False).token_ids
+        return memo[key]
+
+    EngineMachine.llm, EngineMachine.alone = llm, staticmethod(alone)
+    return EngineMachine
+
+
+def test_engine_state_machine(engine_machine):
+    run = engine_machine.TestCase()
+    run.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+    run.runTest()
