@@ -91,7 +91,7 @@ class Engine:
         else:
             tiles = [[(self._segment(w), w if w.sample else None) for w in works]]
         for tile in tiles:
-            logits = iter(forward_batch.run(self.model, self.pool, [segment for segment, _ in tile]))
+            logits = iter(forward_batch.run(self.model, self.pool, [segment for segment, _ in tile], views=not self.exact))
             for segment, w in tile:
                 row = next(logits) if segment.logit_row is not None else None
                 if w is not None:

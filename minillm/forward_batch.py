@@ -12,7 +12,9 @@ with their own sequence:
 
 Gathering copies a sequence's keys and values into one contiguous block per layer (index_select), the shape
 the attention kernels read; the pool itself is never copied. A cache hit therefore costs no copy at all
-beyond what every step gathers anyway.
+beyond what every step gathers anyway. When a sequence's slots happen to be one ascending run (a lone
+request on a fresh pool gets consecutive slots), attention reads a view of the pool instead and the gather
+is skipped: `views=False` turns this off for exact mode, whose bits must not depend on where slots lie.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Segment:
 class ForwardBatch:
     """The `kv` argument of CausalLM.forward for pooled, batched attention."""
 
-    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device | str):
+    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device | str, views: bool = True):
         self.pool, self.segments = pool, segments
         bounds, row = [], 0
         for s in segments:
@@ -53,6 +55,7 @@ class ForwardBatch:
             [b[0] + s.logit_row for s, b in zip(segments, bounds) if s.logit_row is not None], dtype=torch.int64,
             device=device)  # [R]
         self.gather = [s.slots.to(device) for s in segments]
+        self.runs = [_run_of(s.slots) if views else None for s in segments]  # (first slot, count) or None
         self._masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
 
     def _mask(self, i: int, window: int | None):
@@ -71,14 +74,26 @@ class ForwardBatch:
         pool_values.index_copy_(1, self.write_slots, values)
         outs = []
         for i, (first, end) in enumerate(self.bounds):
-            seq_keys = pool_keys.index_select(1, self.gather[i])  # [kv_heads, start + T, head_dim]
-            seq_values = pool_values.index_select(1, self.gather[i])
+            if self.runs[i] is not None:
+                seq_keys = pool_keys.narrow(1, *self.runs[i])  # [kv_heads, start + T, head_dim], a view
+                seq_values = pool_values.narrow(1, *self.runs[i])
+            else:
+                seq_keys = pool_keys.index_select(1, self.gather[i])  # [kv_heads, start + T, head_dim], a copy
+                seq_values = pool_values.index_select(1, self.gather[i])
             outs.append(attend(q[:, first:end], seq_keys, seq_values, *self._mask(i, window)))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def run(model: CausalLM, pool: KVPool, segments: list[Segment]) -> torch.Tensor:
+def _run_of(slots: torch.Tensor) -> tuple[int, int] | None:
+    """(first, count) if slots are first, first + 1, ..., first + count - 1; else None."""
+    first, count = int(slots[0]), slots.shape[0]
+    if int(slots[-1]) - first == count - 1 and torch.equal(slots, torch.arange(first, first + count)):
+        return first, count
+    return None
+
+
+def run(model: CausalLM, pool: KVPool, segments: list[Segment], views: bool = True) -> torch.Tensor:
     """One forward over the segments' rows; logits [R, vocab] (float32) of the rows that asked for them, in
     segment order."""
-    batch = ForwardBatch(pool, segments, pool.keys.device)
+    batch = ForwardBatch(pool, segments, pool.keys.device, views)
     return model(batch.tokens, batch.positions, batch, logit_rows=batch.logit_rows).float()

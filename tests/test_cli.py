@@ -104,3 +104,56 @@ def test_chat_reuses_the_conversation_each_turn(checkpoint, monkeypatch, capsys)
     assert len(turns) == 3
     reused = [int(t.split("reused ")[1].split(" ")[0]) for t in turns]
     assert reused[0] == 0 and reused[1] > 10 and reused[2] > reused[1]
+
+
+def test_prompts_run_concurrently_with_the_same_output_in_any_batch_and_order(checkpoint, capsys):
+    folder = str(checkpoint("llama"))
+    prompts = ["The quick brown fox", "The quick brown dog", "def add(a, b):", "In the beginning"]
+    outputs = []
+    for flags in (["--max-batch", "1"], ["--max-batch", "16"], ["--max-batch", "2", "--schedule", "fcfs"],
+                  ["--kv-mb", "0.05"]):  # a pool of about 100 tokens: eviction and preemption
+        capsys.readouterr()
+        assert main(["generate", "--model", folder, "--json", "-n", "12", "-t", "0", *flags, *prompts]) == 0
+        outputs.append([json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()])
+    assert all(o == outputs[0] for o in outputs) and len(outputs[0]) == 4
+
+
+def test_chat_on_the_bundled_model_as_readme_shows_it(monkeypatch, capsys):
+    """`python -m minillm chat` with no --model: the bundled code model's template writes messages as comments."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("list the files in a folder\nnow sort them\n"))
+    capsys.readouterr()
+    assert main(["chat", "--system", "You are terse.", "-n", "8", "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert len([line for line in err.splitlines() if line.startswith("[turn")]) == 2
+    llm = LLM.load()
+    text = llm.tokenizer.apply_chat_template([{"role": "system", "content": "Be\nbrief."}, {"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "x = 1"}, {"role": "user", "content": "more"}])
+    assert text == "# Be\n# brief.\n# hi\nx = 1\n\n\n# more\n"
+
+
+def test_a_built_wheel_carries_the_bundled_model(tmp_path):
+    """`pip install .` (not -e) must give a package that finds its default model outside the checkout."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here, so no wheel can be built without the network")
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("minillm-*.whl")
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert (target / "minillm" / "weights" / "model.safetensors").is_file()
+    run = subprocess.run([sys.executable, "-m", "minillm", "generate", "-n", "4", "-t", "0", "def f("],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr
+    assert "site/minillm" in run.stderr or run.stdout  # ran from the installed copy, printed a continuation

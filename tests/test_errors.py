@@ -121,3 +121,16 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused(checkpoint, tmp_pat
     edit_tensors(folder, lambda t: t.update({"lm_head.weight": torch.zeros_like(t["model.embed_tokens.weight"])}))
     with pytest.raises(MinillmError, match="ties lm_head"):
         LLM.load(folder)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "max_batch must be at least 1"),
+    (["--kv-mb", "0.0001"], "the KV pool must hold at least 2 tokens"),
+    (["--kv-mb", "0.01"], "but the KV pool (raise --kv-mb) holds"),
+])
+def test_bad_engine_settings(flags, message, checkpoint, capsys):
+    capsys.readouterr()
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    assert main(["generate", "--model", str(checkpoint("llama")), *flags, prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm: error: ") and message in err and err.count("\n") == 1

@@ -6,7 +6,7 @@
 Workloads (prompts are token ids: random weights make the text meaningless, and cost does not depend on it):
   ttft        time to first token, 2,048-token cached prefix + 32 new tokens, warm vs cold
   no_sharing  prompts with nothing in common, cache on vs off (the cache's pure overhead)
-  radix_ops   match_prefix + insert of a 4,096-token prompt (tree work alone, and with real KV copies)
+  radix_ops   match_prefix + insert of a 4,096-token prompt (the tree holds slot numbers: no KV is copied)
   rag         the course article's RAG experiment: 2 documents x 6 questions, order A (document by
               document) and order B (shuffled), cache on vs off, 16 new tokens per answer
   shared      SGLang-style generated shared prefix: G groups x P prompts, long shared prefix, short question
@@ -50,7 +50,7 @@ def bench_ttft(llm: LLM, rng: random.Random, prefix_len: int, suffix_len: int, r
     prefix = random_tokens(rng, prefix_len)
     rows = []
     for _ in range(repeats):
-        llm.prefix_cache.clear()
+        llm.configure()  # an empty prefix cache
         prompt = prefix + random_tokens(rng, suffix_len)
         cold = run(llm, prompt, 1, cache=False)
         llm.generate(prefix + [7], max_new_tokens=1, temperature=0)  # cache the prefix
@@ -78,38 +78,31 @@ def bench_no_sharing(llm: LLM, rng: random.Random, prompts: int, length: int, ne
 
 
 def bench_radix_ops(llm: LLM, rng: random.Random, length: int, repeats: int) -> dict:
-    cfg = llm.config
-
-    def timed(kv_heads_dim: tuple[int, int, int]) -> dict:
-        layers, heads, dim = kv_heads_dim
-        keys = torch.zeros(layers, heads, length, dim, dtype=llm.dtype)
-        miss, hit = [], []
-        for _ in range(repeats):
-            tree = RadixCache(max_tokens=10 * length)
-            for _ in range(20):  # some other content in the tree
-                other = random_tokens(rng, 256)
-                tree.insert(other, keys[:, :, :256], keys[:, :, :256])
-            prompt = random_tokens(rng, length)
-            start = time.perf_counter()
-            tree.insert(prompt, keys, keys)
-            tree.match_prefix(prompt)  # (unused here, measured as in a request)
-            miss.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            m = tree.match_prefix(prompt + [5])
-            tree.insert(prompt, keys, keys)
-            hit.append(time.perf_counter() - start)
-            assert m.length == length
-        return {"insert_new_then_match_ms": round(1000 * statistics.median(miss), 3),
-                "match_hit_then_insert_ms": round(1000 * statistics.median(hit), 3)}
-
-    return {"prompt_tokens": length,
-            "tree_only (KV of 1 layer x 1 head x 1 dim)": timed((1, 1, 1)),
-            "with_model_kv (copies the KV of new tokens)": timed((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))}
+    """The tree's own work for one request: it stores slot numbers, so no KV is copied in or out."""
+    miss, hit = [], []
+    for _ in range(repeats):
+        tree = RadixCache()
+        for _ in range(20):  # some other content in the tree
+            other = random_tokens(rng, 256)
+            tree.insert(other, torch.arange(256))
+        prompt = random_tokens(rng, length)
+        slots = torch.arange(length)
+        start = time.perf_counter()
+        tree.insert(prompt, slots)
+        tree.match_prefix(prompt)  # (unused here, measured as in a request)
+        miss.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        m = tree.match_prefix(prompt + [5])
+        tree.insert(prompt, slots)
+        hit.append(time.perf_counter() - start)
+        assert m.length == length
+    return {"prompt_tokens": length, "insert_new_then_match_ms": round(1000 * statistics.median(miss), 3),
+            "match_hit_then_insert_ms": round(1000 * statistics.median(hit), 3)}
 
 
 def bench_requests(llm: LLM, prompts: list[list[int]], new_tokens: int, doc_tokens: list[int] | None = None) -> dict:
     """Run the prompts in order with the cache on (from empty), then with it off; interleaving per request."""
-    llm.prefix_cache.clear()
+    llm.configure()  # an empty prefix cache
     per_request = []
     for i, prompt in enumerate(prompts):
         on = run(llm, prompt, new_tokens, cache=True)
@@ -158,7 +151,7 @@ def bench_shared(llm: LLM, rng: random.Random, groups: int, per_group: int, pref
 
 def bench_chat(llm: LLM, rng: random.Random, turns: int, system_len: int, user_len: int, new_tokens: int) -> dict:
     """Each turn appends a user message and the model's answer; the next prompt is the whole history."""
-    llm.prefix_cache.clear()
+    llm.configure()  # an empty prefix cache
     history = random_tokens(rng, system_len)
     rows = []
     for turn in range(turns):
@@ -179,7 +172,7 @@ def bench_chat(llm: LLM, rng: random.Random, turns: int, system_len: int, user_l
 def bench_exact(fast: LLM, rng: random.Random, lengths: list[int], prefix_len: int, repeats: int) -> dict:
     """Same weights, two engines: fast mode and exact mode (chunked prefill), interleaved."""
     exact = LLM(fast.model, fast.tokenizer, fast.defaults, fast.device, exact=True)
-    result = {"chunk": exact.exact_chunk}
+    result = {"chunk": exact.engine.exact_chunk}
     for length in lengths:
         times = {"fast": [], "exact": []}
         for r in range(repeats):

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import LLM  # noqa: E402
-from minillm.kv_cache import KVCache  # noqa: E402
+from minillm.kv_pool import kv_bytes_per_token  # noqa: E402
 from minillm.prepack import PackedLinear  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         row["decode_64_after_128"] = result
         print(f"{name} decode: {result}", file=sys.stderr, flush=True)
         cfg = llms["minillm"].config
-        row["kv_bytes_per_token"] = KVCache(cfg, 0, dtype, "meta").bytes_per_token()
+        row["kv_bytes_per_token"] = kv_bytes_per_token(cfg, dtype)
         assert row["kv_bytes_per_token"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         llms.clear()  # free their memory before the next dtype
         hf = None
