@@ -1,5 +1,5 @@
-"""python -m minillm generate | chat: text streams to stdout, statistics go to stderr, and a problem with
-the input is one line on stderr with exit status 2."""
+"""python -m minillm generate | chat | serve | verify: text streams to stdout, statistics go to stderr, and a
+problem with the input is one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
@@ -54,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(chat)
     _add_sampling_options(chat)
     chat.add_argument("--system", help="system message")
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs minillm[serve])")
+    _add_model_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    srv.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this are waiting")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: --model, or minillm-bundled)")
+    ver = commands.add_parser("verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint")
+    ver.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
+    ver.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
+    ver.add_argument("--device", default="cpu")
+    ver.add_argument("--no-prepack", action="store_true", help="check the plain F.linear path instead")
+    ver.add_argument("--prompts", type=int, default=4, help="random prompts per check (default 4)")
+    ver.add_argument("--json", action="store_true", help="one JSON object with every check")
     return parser
 
 
@@ -65,12 +79,12 @@ def _options(args) -> dict:
     )
 
 
-def _load(args):
+def load_llm(args):
     from .llm import LLM
 
     return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
                     prepack=False if args.no_prepack else None, kv_mb=args.kv_mb, max_batch=args.max_batch,
-                    schedule_policy=args.schedule)
+                    schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache)
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -119,7 +133,7 @@ def generate(args) -> int:
     prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise MinillmError("no prompt given; pass the prompt text as an argument or use --prompts-file")
-    llm = _load(args)
+    llm = load_llm(args)
     chat = args.chat or args.system is not None
     requests = [llm.request(_chat_prompt(llm, text, args.system) if chat else text, **_options(args)) for text in prompts]
     handles = [llm.engine.submit(r) for r in requests]
@@ -144,7 +158,7 @@ def generate(args) -> int:
 def chat(args) -> int:
     """A terminal chat. The whole conversation is re-rendered with the chat template every turn; the prefix
     cache finds everything up to the new message already computed, so only the new turn is prefilled."""
-    llm = _load(args)
+    llm = load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     print("minillm chat: Ctrl-D or /exit to leave", file=sys.stderr)
@@ -177,6 +191,17 @@ def chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "verify":
+            from .verify import main as verify
+
+            return verify(args)
+        if args.command == "serve":
+            try:
+                from .server import serve
+            except ImportError as e:
+                raise MinillmError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
+                                   "pip install 'minillm[serve]'") from None
+            return serve(args)
         return {"generate": generate, "chat": chat}[args.command](args)
     except MinillmError as e:
         print(f"minillm: error: {e}", file=sys.stderr)

@@ -172,9 +172,11 @@ class LLM:
     # -- generation -----------------------------------------------------------------------------------
 
     def request(self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
-                use_prefix_cache: bool = True, return_logits: bool = False, **sampling_options) -> Request:
+                use_prefix_cache: bool = True, return_logits: bool = False, logprobs: int | None = None,
+                **sampling_options) -> Request:
         """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
-        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed")
         unknown = set(sampling_options) - set(names)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -186,11 +188,13 @@ class LLM:
         if max_new_tokens < 1:
             raise MinillmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         sampler = Sampler(sampling)  # validates the settings
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise MinillmError(f"logprobs must be between 0 and 20 (alternatives per token), got {logprobs}")
         ids = self.prompt_ids(prompt)
         return Request(
             ids, sampler, StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
             StreamDecoder(self.tokenizer), min(max_new_tokens, self.config.context_length - len(ids)),
-            set(self.defaults.eos_token_ids), use_prefix_cache, return_logits,
+            set(self.defaults.eos_token_ids), use_prefix_cache, return_logits, logprobs, self.config.vocab_size,
         )
 
     def submit(self, prompt: str | list[int], **options) -> RequestHandle:
@@ -200,8 +204,9 @@ class LLM:
     def generate(self, prompt: str | list[int] | list[str] | list[list[int]], **options) -> Completion | list[Completion]:
         """Generate a completion; given a list of prompts, a list of completions computed concurrently (up to
         max_batch at a time). Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-        seed, stop (a string or list of strings), use_prefix_cache (default True), return_logits (keep each
-        step's raw logits in Completion.logits). Unset options take the checkpoint's generation_config.json
+        presence_penalty, frequency_penalty, seed, stop (a string or list of strings), use_prefix_cache
+        (default True), return_logits (keep each step's raw logits in Completion.logits), logprobs (record
+        each token's logprob and this many alternatives in Completion.logprobs). Unset options take the checkpoint's generation_config.json
         defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             requests = [self.request(p, **options) for p in prompt]  # all checked before any runs

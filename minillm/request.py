@@ -39,6 +39,16 @@ _DONE = None  # end of a handle's stream
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before any sampling setting), and the
+    most likely alternatives at that step: [(token id, logprob)], best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     text: str  # generated text, stop string and everything after it removed
     token_ids: list[int]  # generated ids only (an EOS id that ended generation is included)
@@ -50,6 +60,7 @@ class Completion:
     ttft_s: float = 0.0  # time to first token, from submission: waiting, prefill, choosing the token
     decode_s: float = 0.0  # time of every step after the first token
     logits: torch.Tensor | None = None  # [new tokens, vocab] float32 raw logits of each step, if asked for
+    logprobs: list[TokenLogprob] | None = None  # per generated token, if asked for
 
     @property
     def prefill_tok_s(self) -> float:
@@ -74,7 +85,10 @@ class Completion:
 
 class Request:
     def __init__(self, prompt: list[int], sampler: Sampler, stops: StopStrings, detok: StreamDecoder,
-                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool = True, return_logits: bool = False):
+                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool = True, return_logits: bool = False,
+                 logprobs: int | None = None, vocab_size: int = 0):
+        """logprobs: record each generated token's logprob and this many top alternatives (None: off).
+        vocab_size: needed for the presence/frequency penalties' token counts."""
         self.id = next(_ids)
         self.prompt = prompt
         self.generated: list[int] = []
@@ -84,8 +98,12 @@ class Request:
         self.use_prefix_cache = use_prefix_cache
         self.return_logits = return_logits
         self.step_logits: list[torch.Tensor] = []
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
         # Repetition-penalty history (prompt and output), kept only when the penalty is used.
         self.seen = torch.tensor(prompt) if sampler.params.repetition_penalty != 1.0 else None
+        # Times each token was generated, for presence/frequency penalties, kept only when they are used.
+        self.counts = torch.zeros(vocab_size) if sampler.params.counts_output else None
 
         self.slot_table = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.int64)  # position -> pool slot
         self.node: Node | None = None  # locked end of the cached prefix
@@ -98,7 +116,8 @@ class Request:
         self.error: BaseException | None = None
         self.submit_time = time.perf_counter()
         self.admit_time = self.first_token_time = self.finish_time = 0.0
-        self.pieces: queue.Queue = queue.Queue()
+        self.token_times: list[float] = []  # when each token was chosen (inter-token latency)
+        self.pieces = queue.Queue()  # text pieces, then _DONE; anything with put() (a server swaps in its own)
 
     @property
     def tokens(self) -> list[int]:
@@ -126,12 +145,20 @@ class Request:
         stream its text, and decide whether the request is done."""
         if self.return_logits:
             self.step_logits.append(logits)
-        token = self.sampler(logits, self.seen)
+        token = self.sampler(logits, self.seen, self.counts)
+        if self.logprobs is not None:
+            logprobs = torch.log_softmax(logits[0], dim=-1)
+            top = logprobs.topk(self.logprobs) if self.logprobs else None
+            self.token_logprobs.append(TokenLogprob(token, float(logprobs[token]), [] if top is None else list(
+                zip(top.indices.tolist(), top.values.tolist()))))
         self.generated.append(token)
+        self.token_times.append(time.perf_counter())
         if len(self.generated) == 1:
-            self.first_token_time = time.perf_counter()
+            self.first_token_time = self.token_times[0]
         if self.seen is not None:
             self.seen = torch.cat((self.seen, torch.tensor([token])))
+        if self.counts is not None:
+            self.counts[token] += 1
         if token in self.eos_ids:
             self.finish("stop")
             return
@@ -162,6 +189,7 @@ class Request:
             prefill_s=first - self.admit_time if self.admit_time else 0.0, ttft_s=first - self.submit_time,
             decode_s=self.finish_time - first,
             logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
+            logprobs=list(self.token_logprobs) if self.logprobs is not None else None,
         )
 
 

@@ -2,6 +2,8 @@
 
 Order and formulas follow transformers' generate(), so the same seed picks the same tokens:
   repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> draw.
+OpenAI's presence and frequency penalties (which transformers lacks) apply right after the repetition
+penalty, over the tokens generated so far, as vLLM applies them.
 Each processor works on logits [1, vocab] in float32 and removes tokens by setting them to -inf.
 """
 
@@ -23,6 +25,8 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = off
     min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability; 0 = off
     repetition_penalty: float = 1.0  # > 1 discourages every token already in prompt or output; 1 = off
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far; 0 = off
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far; 0 = off
     seed: int | None = None  # same seed, same prompt, same settings -> same tokens
 
     def validate(self) -> None:
@@ -39,6 +43,15 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:  # OpenAI's range
+                raise bad(f"{name} must be in [-2, 2], got {value}")
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether sampling needs the counts of the tokens generated so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -47,6 +60,13 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     scores = torch.gather(logits, 1, seen[None])
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(1, seen[None], scores)
+
+
+def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                               frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logit - frequency x count - presence x (count > 0), counts [vocab] of the tokens
+    generated so far."""
+    return logits - (frequency * counts + presence * (counts > 0).float())[None]
 
 
 def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,11 +107,14 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def process(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """logits [1, vocab] float32, seen [n] int64 -> processed logits [1, vocab]."""
+    def process(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [1, vocab] float32, seen [n] int64 (prompt and output ids, for the repetition penalty),
+        counts [vocab] float32 (times each token was generated, for presence/frequency) -> processed logits."""
         p = self.params
         if p.repetition_penalty != 1.0:
             logits = repetition_penalty(logits, seen, p.repetition_penalty)
+        if p.counts_output:
+            logits = presence_frequency_penalty(logits, counts, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0:
             return logits
         logits = logits / p.temperature
@@ -103,8 +126,8 @@ class Sampler:
             logits = min_p(logits, p.min_p)
         return logits
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        logits = self.process(logits, seen)
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> int:
+        logits = self.process(logits, seen, counts)
         if self.params.temperature == 0:
             return int(logits.argmax(dim=-1))
         probs = torch.softmax(logits, dim=-1)

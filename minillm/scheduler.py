@@ -35,7 +35,8 @@ from .request import Request
 
 POLICIES = ("lpm", "fcfs")
 # A waiting request that shares at least this many more prompt tokens with a prompt still being prefilled
-# than the tree holds waits for that prefill to land in the tree, instead of computing the same KV twice.
+# than the tree holds (or all of its own, if fewer) waits for that prefill to land in the tree, instead of
+# computing the same KV twice.
 SHARE_WAIT_TOKENS = 32
 
 
@@ -135,7 +136,10 @@ class Scheduler:
             if len(self.running) >= self.max_batch:
                 break
             outcome = self._try_admit(r)
-            if outcome == "full":
+            if outcome == "full" and not self.running:  # the whole pool is not enough: it can never run
+                self.waiting.remove(r)
+                r.finish("length")
+            elif outcome == "full":
                 break  # stop here, so that the requests behind it cannot overtake it forever
             if outcome == "admitted":
                 admitted.append(r)
@@ -143,24 +147,20 @@ class Scheduler:
         for r in self.waiting:  # aging: count how often a later arrival went first
             r.passed_over += sum(a.id > r.id for a in admitted)
 
-    def _would_share_with_prefill(self, r: Request, cached: int = 0) -> Request | None:
-        """A running request whose prompt, still being prefilled, will give r at least SHARE_WAIT_TOKENS more
-        cached tokens than the tree has now (r then waits for it instead of computing the same KV)."""
-        if not self.prefix_cache or not r.use_prefix_cache:
-            return None
-        for other in self.running:
-            if other.in_prefill and other.use_prefix_cache:
-                if common_length(tuple(other.prompt), tuple(r.tokens[:-1])) >= cached + SHARE_WAIT_TOKENS:
-                    return other
-        return None
+    def _would_share_with_prefill(self, r: Request, cached: int) -> bool:
+        """Whether a running request's prompt, still being prefilled, will give r at least SHARE_WAIT_TOKENS
+        more cached tokens than the tree has now (or the rest of r's prompt): r then waits for it."""
+        wanted = cached + max(1, min(SHARE_WAIT_TOKENS, r.num_tokens - 1 - cached))
+        return any(other.in_prefill and other.use_prefix_cache
+                   and common_length(tuple(other.prompt), tuple(r.tokens[:-1])) >= wanted for other in self.running)
 
     def _try_admit(self, r: Request) -> str:
         """Match r's cached prefix, lock it and allocate slots for the rest: "admitted", "full" (its KV does
         not fit now) or "deferred" (a prompt being prefilled will give it a longer cached prefix soon)."""
         m, use_cache = 0, self.prefix_cache and r.use_prefix_cache
+        if use_cache and self._would_share_with_prefill(r, self.tree.match_length(r.tokens)):
+            return "deferred"
         if use_cache:
-            if self._would_share_with_prefill(r, self.tree.match_length(r.tokens)):
-                return "deferred"
             # Exact mode reuses prefill-shaped KV only: a resumed request recomputes its generated tokens.
             limit = None if self.cache_decode_kv else min(r.num_tokens - 1, len(r.prompt))
             match = self.tree.match_prefix(r.tokens, align=self.align, limit=limit, count=r.cached_tokens is None)

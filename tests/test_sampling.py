@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minillm import MinillmError
-from minillm.sampling import Sampler, SamplingParams, min_p, repetition_penalty, top_k, top_p
+from minillm.sampling import (Sampler, SamplingParams, min_p, presence_frequency_penalty, repetition_penalty, top_k,
+                              top_p)
 
 
 def random_logits(seed):
@@ -70,7 +71,27 @@ def test_same_seed_same_text_different_seed_differs(load):
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(min_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan"))])
+                                 dict(min_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan")),
+                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0)])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(MinillmError, match="invalid sampling setting"):
         Sampler(SamplingParams(**bad))
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(50)
+    counts[3], counts[7] = 2, 1  # generated twice and once
+    out = presence_frequency_penalty(logits, counts, presence=0.5, frequency=0.25)
+    expected = logits.clone()
+    expected[0, 3] -= 0.5 + 2 * 0.25
+    expected[0, 7] -= 0.5 + 1 * 0.25
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_frequency_penalty_breaks_a_greedy_loop(load):
+    llm = load("llama")
+    llm.defaults.eos_token_ids = []
+    plain = llm.generate("The quick", max_new_tokens=30, temperature=0).token_ids
+    penalized = llm.generate("The quick", max_new_tokens=30, temperature=0, frequency_penalty=2.0).token_ids
+    assert max(plain.count(t) for t in plain) > max(penalized.count(t) for t in penalized)

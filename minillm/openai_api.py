@@ -1,0 +1,199 @@
+"""The OpenAI wire format: request bodies in, checked generation settings out; results in, response JSON out.
+
+No HTTP here (server.py does that): plain functions from dicts to dicts, so the rules are easy to read and
+test. Every field a client may send is either honoured or refused with a 400 that names it; none is
+silently ignored (a server that drops `stop` or `n` gives wrong answers with a 200).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from .request import Completion, TokenLogprob
+
+# Fields that change nothing about the result; accepted and not used.
+IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls"}
+COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+          "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream", "logprobs"}
+FIELDS = {
+    "completions": COMMON | {"prompt", "echo", "suffix", "best_of"},
+    "chat": COMMON | {"messages", "top_logprobs"},
+}
+MAX_N = 16
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict, name: str, kind=float, low=None, high=None):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ApiError(400, f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {value!r}", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
+    return kind(value)
+
+
+def parse(body, endpoint: str, model_name: str) -> dict:
+    """Check a request body; returns {"prompts": [...], "options": {...}, "n": int, "stream": bool,
+    "include_usage": bool} where each prompt is text, token ids or chat messages."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS[endpoint] - IGNORED)
+    if unknown:
+        raise ApiError(400, f"unsupported field(s): {', '.join(unknown)}", unknown[0])
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
+                       code="model_not_found")
+    for name, wanted in (("echo", False), ("suffix", None), ("best_of", None)):
+        if name in body and body[name] not in (wanted, 1):
+            raise ApiError(400, f"'{name}' is not supported", name)
+    options = {}
+    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    if max_tokens is not None:
+        options["max_new_tokens"] = max_tokens
+    for name, kind, low, high in (("temperature", float, 0, 2), ("top_p", float, 0, 1), ("top_k", int, -1, None),
+                                  ("min_p", float, 0, 1), ("repetition_penalty", float, 0, None),
+                                  ("presence_penalty", float, -2, 2), ("frequency_penalty", float, -2, 2),
+                                  ("seed", int, None, None)):
+        value = _number(body, name, kind, low, high)
+        if value is not None:
+            options[name] = max(value, 0) if name == "top_k" else value  # -1 means off, as in vLLM
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+        options["stop"] = stop
+    options["logprobs"] = _logprobs(body, endpoint)
+    n = _number(body, "n", int, 1, MAX_N) or 1
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    return {"prompts": _prompts(body, endpoint), "options": options, "n": n, "stream": stream,
+            "include_usage": bool(stream_options.get("include_usage"))}
+
+
+def _logprobs(body: dict, endpoint: str) -> int | None:
+    """Completions: logprobs is the number of alternatives (0-5). Chat: logprobs is a boolean and
+    top_logprobs the number of alternatives (0-20)."""
+    if endpoint == "completions":
+        return _number(body, "logprobs", int, 0, 5)
+    wanted = body.get("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise ApiError(400, "'logprobs' must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", int, 0, 20)
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _prompts(body: dict, endpoint: str) -> list:
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ApiError(400, "each message must be an object with string 'role' and 'content'", "messages")
+        return [messages]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]  # one prompt of token ids
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return list(prompt)
+    raise ApiError(400, "'prompt' must be a string, a list of strings, token ids, or a list of token-id lists",
+                   "prompt")
+
+
+# -- responses -----------------------------------------------------------------------------------------
+
+def new_id(endpoint: str) -> str:
+    return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(completions: list[Completion], n: int) -> dict:
+    """completions: n choices per prompt, prompt by prompt. A prompt counts once (its n choices share its
+    prefill); its cached tokens are those its first choice found in the cache."""
+    firsts = completions[::n]
+    prompt_tokens = sum(c.prompt_tokens for c in firsts)
+    completion_tokens = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
+
+
+def logprobs_json(items: list[TokenLogprob], endpoint: str, token_text, offset: int = 0) -> dict:
+    """token_text: id -> its text."""
+    if endpoint == "chat":
+        def entry(token, logprob):
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]}
+                            for i in items]}
+    texts = [token_text(i.token) for i in items]
+    offsets, at = [], offset
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    def top(item):  # keyed by text, as OpenAI's format has it: tokens with the same text keep the likeliest
+        alternatives = {}
+        for t, lp in item.top:
+            alternatives.setdefault(token_text(t), lp)
+        return alternatives
+
+    return {"tokens": texts, "token_logprobs": [i.logprob for i in items], "top_logprobs": [top(i) for i in items],
+            "text_offset": offsets}
+
+
+def response(endpoint: str, request_id: str, model: str, completions: list[Completion], n: int, token_text) -> dict:
+    choices = []
+    for index, c in enumerate(completions):
+        lp = logprobs_json(c.logprobs, endpoint, token_text) if c.logprobs is not None else None
+        if endpoint == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp, "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {"id": request_id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": usage(completions, n)}
+
+
+def chunk(endpoint: str, request_id: str, model: str, index: int, text: str | None = None,
+          finish_reason: str | None = None, logprobs: dict | None = None, first: bool = False) -> dict:
+    """One server-sent event's payload: a piece of one choice's text, or its end."""
+    if endpoint == "chat":
+        delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"id": request_id, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(endpoint: str, request_id: str, model: str, completions: list[Completion], n: int) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage(completions, n)}
