@@ -6,14 +6,19 @@
                     hand their KV to the prefix cache
 
 A lone request is a batch of one: the same path. The engine's state is touched by one thread only, the one
-that calls step(): submit and abort may come from any thread (they go through a queue), and a server runs
-`start()` to step in a background thread while its handlers read their requests' text.
+that calls step(): submit and abort may come from any thread (they go through a queue). A server calls
+`serve()` on its main thread, which steps while there is work and sleeps while there is none, and its
+handlers read their requests' text from other threads. (Why the main thread: on CPU, PyTorch's parallel
+elementwise and attention kernels, run from any other thread, were measured 1.5x slower per step here, as
+OpenMP's workers there do not stay hot between kernels. `start()` steps in a background thread anyway,
+for programs that need their main thread.)
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from typing import Callable
 
 import torch
 
@@ -33,12 +38,14 @@ class Engine:
         self.exact, self.exact_chunk, self.exact_decode_rows = exact, exact_chunk, exact_decode_rows
         self.steps = 0
         self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) from any thread
+        self._serving = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     @property
     def threaded(self) -> bool:
-        return self._thread is not None
+        """Whether a serve() loop steps the engine (handles then wait for their text instead of stepping)."""
+        return self._serving
 
     # -- from any thread ------------------------------------------------------------------------------
 
@@ -51,14 +58,14 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------------------
 
-    def _take_inbox(self, wait: bool = False) -> None:
-        """Apply what other threads sent; wait: block until something arrives."""
+    def _take_inbox(self, wait: float = 0.0) -> None:
+        """Apply what other threads sent; wait: seconds to block for the first item if none is there."""
         while True:
             try:
-                kind, r = self._inbox.get(block=wait)
+                kind, r = self._inbox.get(block=wait > 0, timeout=wait or None)
             except queue.Empty:
                 return
-            wait = False
+            wait = 0.0
             if kind == "submit":
                 self.scheduler.add(r)
             elif kind == "abort" and not r.finished:
@@ -123,28 +130,35 @@ class Engine:
         while self.step():
             pass
 
-    # -- a background thread --------------------------------------------------------------------------
+    # -- serving ------------------------------------------------------------------------------------
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Step in the calling thread until should_stop() is true: while there is work, one step after another;
+        while there is none, asleep on the queue of submissions (waking every 0.1 s to check should_stop)."""
+        self._serving = True
+        try:
+            while not should_stop():
+                try:
+                    busy = self.step()
+                except Exception:  # the requests got the error; keep serving the next ones
+                    busy = True
+                if not busy:
+                    self._take_inbox(wait=0.1)
+        finally:
+            self._serving = False
 
     def start(self) -> None:
-        """Step in a background thread until stop(); handles then block on their text instead of stepping."""
+        """serve() in a background thread until stop()."""
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="minillm-engine", daemon=True)
+            self._serving = True  # from now on, handles wait for their text
+            self._thread = threading.Thread(target=self.serve, args=(self._stop.is_set,), name="minillm-engine",
+                                            daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         """Stop the background thread after its current step (requests still in the engine stay there)."""
         if self._thread is not None:
             self._stop.set()
-            self._inbox.put(("wake", None))
             self._thread.join()
             self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.step()
-            except BaseException:  # the requests got the error; keep serving the next ones
-                busy = True
-            if not busy:
-                self._take_inbox(wait=True)  # sleep until a request (or stop's wake-up) arrives

@@ -48,6 +48,7 @@ class ForwardBatch:
             row += len(s.tokens)
         self.bounds = bounds  # [(first row, end row)] of each segment
         self.write_slots = torch.cat([s.slots[s.start :] for s in segments]).to(device)  # [N]
+        self.write_run = _run_of(self.write_slots)  # consecutive slots (a lone request): a plain copy, no scatter
         self.positions = torch.cat([torch.arange(s.start, s.start + len(s.tokens)) for s in segments]).to(device)
         self.lengths = torch.cat([torch.full((len(s.tokens),), s.start + len(s.tokens)) for s in segments]).to(device)
         self.tokens = torch.tensor([t for s in segments for t in s.tokens], device=device)  # [N]
@@ -70,8 +71,12 @@ class ForwardBatch:
         """q: [heads, N, head_dim]; keys, values: [kv_heads, N, head_dim] of the N rows. Stores the keys and
         values in the rows' slots, then attends each sequence's rows over its own slots: [N, heads * head_dim]."""
         pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # [kv_heads, slots, head_dim]
-        pool_keys.index_copy_(1, self.write_slots, keys)
-        pool_values.index_copy_(1, self.write_slots, values)
+        if self.write_run is not None:
+            pool_keys.narrow(1, *self.write_run).copy_(keys)
+            pool_values.narrow(1, *self.write_run).copy_(values)
+        else:
+            pool_keys.index_copy_(1, self.write_slots, keys)
+            pool_values.index_copy_(1, self.write_slots, values)
         outs = []
         for i, (first, end) in enumerate(self.bounds):
             if self.runs[i] is not None:

@@ -1,11 +1,12 @@
 """python -m minillm serve: an OpenAI-compatible HTTP server on the batching engine.
 
-    client ──HTTP──► handler (asyncio) ──submit──► engine thread: step(), step(), ...
+    client ──HTTP──► handler (asyncio, HTTP thread) ──submit──► main thread: engine.step(), step(), ...
            ◄──SSE─── handler ◄──pieces (thread-safe hand-off to the event loop)──┘
 
-One background thread owns the engine and steps it while there is work (engine.py); HTTP handlers never
-touch its state: they submit requests, abort them, and await their text through an asyncio queue that the
-engine thread feeds with loop.call_soon_threadsafe. A client that disconnects mid-stream aborts its
+The main thread owns the engine and steps it while there is work (engine.py explains why the main one);
+uvicorn and its event loop run in a second thread. HTTP handlers never touch the engine's state: they submit
+requests, abort them, and await their text through an asyncio queue that the engine feeds with
+loop.call_soon_threadsafe. A client that disconnects mid-stream aborts its
 requests: their slots are freed and their locks released at the next step. The wire format (fields,
 errors, chunks) lives in openai_api.py; this file is the HTTP plumbing, metrics and the process's life.
 """
@@ -17,6 +18,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -90,17 +92,15 @@ class Metrics:
 
 
 def create_app(llm, model_name: str, api_key: str | None = None, max_waiting: int | None = None):
-    """The FastAPI application. The engine thread starts with the app and stops after the last connection."""
+    """The FastAPI application; something must step llm.engine (serve() below, or engine.start())."""
     engine = llm.engine
     metrics = Metrics(llm)
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
         print(f"minillm: serving {model_name} at http://{app.state.address}/v1 (Ctrl-C to stop)", file=sys.stderr,
               flush=True)
         yield
-        engine.stop()
 
     app = FastAPI(title="minillm", lifespan=lifespan)
     app.state.address = "127.0.0.1"
@@ -245,8 +245,9 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_waiting: in
 
 
 def serve(args) -> int:
-    """Load the model, then serve until SIGINT or SIGTERM: uvicorn stops accepting, lets open requests finish
-    (30 s at most), the engine thread stops, and the process exits with status 0."""
+    """Load the model, start uvicorn in a thread, and step the engine on this (the main) thread until uvicorn
+    has stopped. SIGINT or SIGTERM stop it gracefully: no new connections, open requests served to their end
+    (30 s at most), then exit status 0. A second signal stops at once."""
     from .cli import load_llm
 
     llm = load_llm(args)
@@ -254,12 +255,20 @@ def serve(args) -> int:
     app = create_app(llm, name, api_key=args.api_key, max_waiting=args.max_waiting)
     app.state.address = f"{args.host}:{args.port}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
-    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in place that
-    # re-raise is a no-op, so a requested stop ends with status 0.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=30))
+
+    def stop(*_):
+        server.force_exit = server.should_exit  # the second signal
+        server.should_exit = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, stop)
+    http_thread = threading.Thread(target=server.run, name="minillm-http")
     started = time.perf_counter()
-    uvicorn.Server(config).run()
+    http_thread.start()
+    llm.engine.serve(should_stop=lambda: not http_thread.is_alive())
+    if not server.started:
+        raise MinillmError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another --port")
     print(f"minillm: server stopped after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0

@@ -316,3 +316,14 @@ def test_serve_without_the_server_extra_says_what_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ})
     assert result.returncode == 2 and "pip install 'minillm[serve]'" in result.stderr
+
+
+def test_a_port_in_use_is_one_line_and_status_2(folder):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "minillm", "serve", "--model", str(folder), "--port", str(port)],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "could not listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr

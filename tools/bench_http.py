@@ -1,6 +1,6 @@
 """What the HTTP layer costs: the same workload through `python -m minillm serve` and in-process.
 
-    python tools/bench_http.py --model /tmp/qwen05-bf16 --out bench/http_bf16.json
+    python tools/bench_http.py --model /tmp/qwen05-bf16 --out bench/http_bf16.json   # ~4 min
 
 Workload: R requests (a shared prefix of P tokens and a distinct question of Q tokens, O output tokens,
 greedy), all in flight at once (concurrency = max_batch). Through HTTP: one client thread per request, the
@@ -13,6 +13,7 @@ the throughput ratio is taken round by round.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import random
 import signal
@@ -35,20 +36,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, port: int) -> subprocess.Popen:
-    import httpx
+def healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
+
+def start_server(args, port: int) -> subprocess.Popen:
     flags = ["--dtype", args.dtype] if args.dtype else []
     proc = subprocess.Popen([sys.executable, "-m", "minillm", "serve", "--model", args.model, "--port", str(port),
                              "--served-model-name", "bench", "--max-batch", str(args.requests), *flags],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stderr=open(args.server_log, "w") if args.server_log else subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if healthy(port):
+            return proc
+        time.sleep(0.5)
     proc.kill()
     raise SystemExit("the server did not start within 300 s")
 
@@ -85,9 +93,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--prefix", type=int, default=256)
     parser.add_argument("--question", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--server-log", type=Path, help="write the server's stderr here")
     args = parser.parse_args()
     import openai
 
