@@ -9,7 +9,7 @@ A lone request is a batch of one: the same path. The engine's state is touched b
 that calls step(): submit and abort may come from any thread (they go through a queue). A server calls
 `serve()` on its main thread, which steps while there is work and sleeps while there is none, and its
 handlers read their requests' text from other threads. (Why the main thread: on CPU, PyTorch's parallel
-elementwise and attention kernels, run from any other thread, were measured 1.5x slower per step here, as
+elementwise and attention kernels, run from any other thread, made a step 1.2-1.6x slower here, as
 OpenMP's workers there do not stay hot between kernels. `start()` steps in a background thread anyway,
 for programs that need their main thread.)
 """

@@ -56,7 +56,7 @@ def parse(body, endpoint: str, model_name: str) -> dict:
         raise ApiError(400, f"unsupported field(s): {', '.join(unknown)}", unknown[0])
     model = body.get("model")
     if model is not None and model != model_name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
+        raise ApiError(400, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
                        code="model_not_found")
     for name, wanted in (("echo", False), ("suffix", None), ("best_of", None)):
         if name in body and body[name] not in (wanted, 1):

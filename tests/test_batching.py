@@ -282,3 +282,13 @@ def test_engine_state_machine(engine_machine):
     run.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
     run.runTest()
+
+
+def test_identical_prompts_submitted_together_share_one_prefill(load):
+    """What the server's `n` relies on: the first computes the prompt, the others wait a step and reuse it."""
+    llm = load("llama", engine=dict(kv_tokens=4096))
+    prompt = list(range(2, 12))  # shorter than SHARE_WAIT_TOKENS: identical prompts wait all the same
+    handles = [llm.submit(prompt, max_new_tokens=3, temperature=1.0, seed=i) for i in range(3)]
+    results = [h.result() for h in handles]
+    assert [r.cached_tokens for r in results] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert llm.prefix_cache.stats.computed_tokens == len(prompt) + 2  # one prefill, then the last token each

@@ -223,7 +223,7 @@ BAD = [
     ("top_p out of range", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("stop wrong type", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("unknown field", {"prompt": "x", "best_of_luck": 1}, 400, "best_of_luck"),
-    ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("unknown model", {"prompt": "x", "model": "gpt-4"}, 400, "model"),
     ("prompt too long", {"prompt": list(range(2, 302)) * 2}, 400, "prompt"),
     ("token id outside the vocabulary", {"prompt": [5, 99999]}, 400, "prompt"),
 ]
