@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .radix_cache import Node
 
 _ids = itertools.count(1)
-_DONE = None  # end of a handle's stream
+DONE = None  # end of a handle's stream
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Request:
         self.submit_time = time.perf_counter()
         self.admit_time = self.first_token_time = self.finish_time = 0.0
         self.token_times: list[float] = []  # when each token was chosen (inter-token latency)
-        self.pieces = queue.Queue()  # text pieces, then _DONE; anything with put() (a server swaps in its own)
+        self.pieces = queue.Queue()  # text pieces, then DONE; anything with put() (a server swaps in its own)
 
     @property
     def tokens(self) -> list[int]:
@@ -178,7 +178,7 @@ class Request:
         self.finish_time = time.perf_counter()
         if not self.stops.stopped and error is None:
             self._emit(self.stops.feed(self.detok.flush()) + self.stops.finish())
-        self.pieces.put(_DONE)
+        self.pieces.put(DONE)
 
     def completion(self) -> Completion:
         cached = self.cached_tokens or 0
@@ -222,7 +222,7 @@ class RequestHandle:
                         if not self.engine.step():
                             raise RuntimeError(f"request {self.id} is not done but the engine has no work")
                         continue
-                if piece is _DONE:
+                if piece is DONE:
                     break
                 yield piece
         finally:

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from . import openai_api
 from .errors import MinillmError
 from .openai_api import ApiError
-from .request import _DONE, Request
+from .request import DONE, Request
 
 log = logging.getLogger("minillm.server")
 
@@ -170,7 +170,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_waiting: in
             remaining = len(requests)
             while remaining:
                 _, item = await queue.get()
-                remaining -= item is _DONE
+                remaining -= item is DONE
         finally:
             abort_unfinished(requests)
         failed = next((r for r in requests if r.error is not None), None)
@@ -212,7 +212,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_waiting: in
             remaining = len(requests)
             while remaining:
                 i, item = await queue.get()
-                if item is _DONE:
+                if item is DONE:
                     remaining -= 1
                     r = requests[i]
                     if r.error is not None:
