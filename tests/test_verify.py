@@ -55,3 +55,11 @@ def test_verify_reads_as_a_report(checkpoint, capsys):
     assert main(["verify", "--model", str(checkpoint("qwen2")), "--prompts", "2"]) == 0
     out = capsys.readouterr()
     assert out.out.count("PASS") == 6 and "OK: 6 of 6" in out.err
+
+
+def test_without_transformers_parity_is_skipped_with_a_note(checkpoint, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    status, checks = run_verify(capsys, "--model", str(checkpoint("llama")), "--prompts", "2")
+    assert status == 0 and checks["parity"] == "skip" and set(checks.values()) == {"pass", "skip"}
