@@ -147,15 +147,16 @@ class LLM:
 
     # -- inputs ---------------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids."""
+    def prompt_ids(self, prompt: str | list[int], in_pool: bool = True) -> list[int]:
+        """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids.
+        in_pool: it must also fit the KV pool (not for logits(), which keeps no KV)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids or prompt == "":  # "" alone may still encode to a BOS token
             raise MinillmError("the prompt is empty; give some text or token ids")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise MinillmError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        limit = min(self.config.context_length, self.engine.pool.num_slots)
+        limit = min(self.config.context_length, self.engine.pool.num_slots if in_pool else self.config.context_length)
         if len(ids) >= limit:
             where = "model's context" if limit == self.config.context_length else "KV pool (raise --kv-mb)"
             raise MinillmError(
@@ -166,7 +167,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
-        ids = torch.tensor(self.prompt_ids(list(token_ids)), device=self.device)
+        ids = torch.tensor(self.prompt_ids(list(token_ids), in_pool=False), device=self.device)
         return self.model(ids, torch.arange(len(ids), device=self.device), SequenceKV()).float()
 
     # -- generation -----------------------------------------------------------------------------------
