@@ -52,23 +52,22 @@ def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Se
     out, decode = [], []
     for w in works:
         if w.length == 1 and w.start >= len(w.request.prompt):
-            decode.append((_segment(w, w.start, 1, 1, sample=True), w if w.sample else None))
+            decode.append((_segment(w, w.start, 1, 1, logits=True), w if w.sample else None))
             continue
         assert w.start % chunk == 0, "exact prefill must start on a chunk boundary"
         for start in range(w.start, w.start + w.length, chunk):
             n = min(chunk, w.start + w.length - start)
             last = start + n == w.start + w.length
-            out.append([(_segment(w, start, n, chunk, sample=w.sample and last), w if w.sample and last else None)])
+            out.append([(_segment(w, start, n, chunk, logits=w.sample and last), w if w.sample and last else None)])
     for i in range(0, len(decode), decode_rows):
         group = decode[i : i + decode_rows]
         out.append(group + [(_PAD_ROW, None)] * (decode_rows - len(group)))
     return out
 
 
-def _segment(w: Work, start: int, n: int, rows: int, sample: bool | None = None) -> Segment:
-    """Positions start .. start+n-1 of w's request, padded to `rows` rows."""
+def _segment(w: Work, start: int, n: int, rows: int, logits: bool) -> Segment:
+    """Positions start .. start+n-1 of w's request, padded to `rows` rows; logits: of its last real row."""
     pad = rows - n
     tokens = w.request.tokens[start : start + n] + [0] * pad
     slots = torch.cat((w.request.slot_table[: start + n], torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
-    sample = w.sample if sample is None else sample
-    return Segment(tokens, start, slots, n - 1 if sample else None)
+    return Segment(tokens, start, slots, n - 1 if logits else None)
