@@ -203,13 +203,17 @@ def parse_config(raw: dict) -> ModelConfig:
     )
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config, generation or tokenizer settings), or one line saying it is broken."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinillmError(f"{path} is not valid JSON ({e})") from None
+
+
 def load_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise MinillmError(f"{folder} has no config.json; point --model at a Hugging Face checkpoint folder")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinillmError(f"{path} is not valid JSON ({e})") from None
-    return parse_config(raw)
+    return parse_config(read_json(path))
 

@@ -36,14 +36,13 @@ class Engine:
         self.scheduler = scheduler
         self.pool = scheduler.pool
         self.exact, self.exact_chunk, self.exact_decode_rows = exact, exact_chunk, exact_decode_rows
-        self.steps = 0
         self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) from any thread
         self._serving = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     @property
-    def threaded(self) -> bool:
+    def serving(self) -> bool:
         """Whether a serve() loop steps the engine (handles then wait for their text instead of stepping)."""
         return self._serving
 
@@ -68,12 +67,8 @@ class Engine:
             wait = 0.0
             if kind == "submit":
                 self.scheduler.add(r)
-            elif kind == "abort" and not r.finished:
-                if r in self.scheduler.running:
-                    self.scheduler.release(r)
-                elif r in self.scheduler.waiting:
-                    self.scheduler.drop_waiting(r)
-                r.finish("abort")
+            elif kind == "abort":
+                self._end(r, "abort")
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -89,7 +84,6 @@ class Engine:
         except BaseException as e:
             self._fail_all(e)
             raise
-        self.steps += 1
         return True
 
     def _run(self, works: list[Work]) -> None:
@@ -117,14 +111,18 @@ class Engine:
         return forward_batch.Segment(w.tokens, w.start, r.slot_table[: w.start + w.length],
                                      w.length - 1 if w.sample else None)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for r in list(self.scheduler.running):
+    def _end(self, r: Request, reason: str, error: BaseException | None = None) -> None:
+        """Take r out of the engine (its KV handed to the tree or freed) and finish it, unless it is done."""
+        if r in self.scheduler.running:
             self.scheduler.release(r)
-            if not r.finished:
-                r.finish("error", error)
-        for r in list(self.scheduler.waiting):
-            self.scheduler.drop_waiting(r)
-            r.finish("error", error)
+        elif r in self.scheduler.waiting:
+            self.scheduler.waiting.remove(r)
+        if not r.finished:
+            r.finish(reason, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for r in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._end(r, "error", error)
 
     def run_until_done(self) -> None:
         while self.step():

@@ -68,6 +68,6 @@ def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Se
 def _segment(w: Work, start: int, n: int, rows: int, logits: bool) -> Segment:
     """Positions start .. start+n-1 of w's request, padded to `rows` rows; logits: of its last real row."""
     pad = rows - n
-    tokens = w.request.tokens[start : start + n] + [0] * pad
+    tokens = w.request.tokens_between(start, start + n) + [0] * pad
     slots = torch.cat((w.request.slot_table[: start + n], torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
     return Segment(tokens, start, slots, n - 1 if logits else None)

@@ -12,14 +12,13 @@ or after max_new_tokens (finish_reason "stop" or "length").
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import exact as exact_mode
-from .config import DTYPES, ModelConfig, load_config
+from .config import DTYPES, ModelConfig, load_config, read_json
 from .engine import Engine
 from .errors import MinillmError
 from .kv_pool import KVPool, kv_bytes_per_token
@@ -56,13 +55,8 @@ class GenerationDefaults:
 
     @classmethod
     def from_folder(cls, folder: Path, config: ModelConfig) -> "GenerationDefaults":
-        raw = {}
         path = folder / "generation_config.json"
-        if path.is_file():
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise MinillmError(f"{path} is not valid JSON ({e})") from None
+        raw = read_json(path) if path.is_file() else {}
         eos = raw.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         sampling = SamplingParams()

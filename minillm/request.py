@@ -115,13 +115,18 @@ class Request:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.submit_time = time.perf_counter()
-        self.admit_time = self.first_token_time = self.finish_time = 0.0
+        self.admit_time = self.finish_time = 0.0
         self.token_times: list[float] = []  # when each token was chosen (inter-token latency)
         self.pieces = queue.Queue()  # text pieces, then DONE; anything with put() (a server swaps in its own)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.generated
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode step needs one token of it)."""
+        p = len(self.prompt)
+        return self.prompt[start:end] + self.generated[max(start - p, 0) : max(end - p, 0)]
 
     @property
     def num_tokens(self) -> int:
@@ -153,8 +158,6 @@ class Request:
                 zip(top.indices.tolist(), top.values.tolist()))))
         self.generated.append(token)
         self.token_times.append(time.perf_counter())
-        if len(self.generated) == 1:
-            self.first_token_time = self.token_times[0]
         if self.seen is not None:
             self.seen = torch.cat((self.seen, torch.tensor([token])))
         if self.counts is not None:
@@ -182,7 +185,7 @@ class Request:
 
     def completion(self) -> Completion:
         cached = self.cached_tokens or 0
-        first = self.first_token_time or self.finish_time
+        first = self.token_times[0] if self.token_times else self.finish_time
         return Completion(
             text=self.stops.text, token_ids=list(self.generated), prompt_tokens=len(self.prompt),
             finish_reason=self.finish_reason, cached_tokens=cached, computed_tokens=len(self.prompt) - cached,
@@ -196,17 +199,13 @@ class Request:
 class RequestHandle:
     """Iterate for the text as it is generated; afterwards (or from `result()`) the Completion.
 
-    Without a background thread driving the engine, iterating steps the engine itself (every running request
+    Unless a serve() loop drives the engine, iterating steps the engine itself (every running request
     advances, not just this one). Leaving the loop early aborts the request."""
 
     def __init__(self, request: Request, engine: "Engine"):
         self.request = request
         self.engine = engine
         self.completion: Completion | None = None
-
-    @property
-    def id(self) -> int:
-        return self.request.id
 
     def __iter__(self) -> Iterator[str]:
         if self.completion is not None:  # already read to the end
@@ -216,11 +215,11 @@ class RequestHandle:
                 try:
                     piece = self.request.pieces.get_nowait()
                 except queue.Empty:
-                    if self.engine.threaded:
+                    if self.engine.serving:
                         piece = self.request.pieces.get()
                     else:
                         if not self.engine.step():
-                            raise RuntimeError(f"request {self.id} is not done but the engine has no work")
+                            raise RuntimeError(f"request {self.request.id} is not done but the engine has no work")
                         continue
                 if piece is DONE:
                     break

@@ -51,7 +51,7 @@ class Work:
 
     @property
     def tokens(self) -> list[int]:
-        return self.request.tokens[self.start : self.start + self.length]
+        return self.request.tokens_between(self.start, self.start + self.length)
 
 
 class Scheduler:
@@ -151,8 +151,9 @@ class Scheduler:
         """Whether a running request's prompt, still being prefilled, will give r at least SHARE_WAIT_TOKENS
         more cached tokens than the tree has now (or the rest of r's prompt): r then waits for it."""
         wanted = cached + max(1, min(SHARE_WAIT_TOKENS, r.num_tokens - 1 - cached))
-        return any(other.in_prefill and other.use_prefix_cache
-                   and common_length(tuple(other.prompt), tuple(r.tokens[:-1])) >= wanted for other in self.running)
+        mine = tuple(r.tokens[:-1])
+        return any(other.in_prefill and other.use_prefix_cache and common_length(tuple(other.prompt), mine) >= wanted
+                   for other in self.running)
 
     def _try_admit(self, r: Request) -> str:
         """Match r's cached prefix, lock it and allocate slots for the rest: "admitted", "full" (its KV does
@@ -220,9 +221,6 @@ class Scheduler:
         r.prompt_cached = False
         self.waiting.insert(0, r)
         self.preemptions += 1
-
-    def drop_waiting(self, r: Request) -> None:
-        self.waiting.remove(r)
 
     # -- checking -------------------------------------------------------------------------------------
 

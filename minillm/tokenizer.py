@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .config import read_json
 from .errors import MinillmError
 
 
@@ -56,13 +57,8 @@ class Tokenizer:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exceptions for malformed files
             raise MinillmError(f"{path} could not be read as a tokenizer ({e})") from None
-        settings = {}
         config_path = folder / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                settings = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise MinillmError(f"{config_path} is not valid JSON ({e})") from None
+        settings = read_json(config_path) if config_path.is_file() else {}
         self.bos_token = _token_text(settings.get("bos_token"))
         self.eos_token = _token_text(settings.get("eos_token"))
         template = settings.get("chat_template")

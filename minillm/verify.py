@@ -119,8 +119,7 @@ def check_batched(llm: LLM, prompts, new_tokens: int) -> Check:
 
 def check_exact(llm: LLM, prompts, new_tokens: int) -> Check:
     exact = LLM(llm.model, llm.tokenizer, llm.defaults, llm.device, exact=True, exact_chunk=16, exact_decode_rows=4)
-    cold = [_run(exact, [p], new_tokens, use_prefix_cache=False)[0] for p in prompts]
-    exact.configure(exact_chunk=16, exact_decode_rows=4)
+    cold = [_run(exact, [p], new_tokens, use_prefix_cache=False)[0] for p in prompts]  # the cache stays empty
     exact.generate([p[: len(p) // 2 + 1] for p in prompts], max_new_tokens=1)
     warm_batched = _run(exact, prompts, new_tokens)
     equal = sum(torch.equal(a.logits, b.logits) and a.token_ids == b.token_ids for a, b in zip(cold, warm_batched))
