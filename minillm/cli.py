@@ -1,10 +1,12 @@
-"""python -m minillm generate | chat | serve | verify: text streams to stdout, statistics go to stderr, and a
+"""python -m minillm generate | chat | serve | verify | cache: text streams to stdout, statistics go to stderr, and a
 problem with the input is one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +27,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep weights in their checkpoint layout (plain F.linear: slower on CPU, bitwise transformers' fp32 results)")
+    parser.add_argument("--cache-dir", help="keep the prefix cache's KV on disk here, for later runs (default: $MINILLM_CACHE_DIR; none if unset)")
+    parser.add_argument("--disk-cache-mb", type=float, default=4096,
+                        help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--no-prepack", action="store_true", help="check the plain F.linear path instead")
     ver.add_argument("--prompts", type=int, default=4, help="random prompts per check (default 4)")
     ver.add_argument("--json", action="store_true", help="one JSON object with every check")
+    cache = commands.add_parser("cache", help="what the prefix cache's disk tier holds, or remove it")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir", help="default: $MINILLM_CACHE_DIR")
     return parser
 
 
@@ -84,7 +92,8 @@ def load_llm(args):
 
     return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
                     prepack=False if args.no_prepack else None, kv_mb=args.kv_mb, max_batch=args.max_batch,
-                    schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache)
+                    schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache, cache_dir=args.cache_dir,
+                    disk_cache_mb=args.disk_cache_mb)
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -152,6 +161,38 @@ def generate(args) -> int:
             print(_stats_line(c, index), file=sys.stderr, flush=True)
     if len(completions) > 1 and not args.no_prefix_cache:
         print(_summary(completions), file=sys.stderr, flush=True)
+    _close(llm)
+    return 0
+
+
+def _close(llm) -> None:
+    """Write the cached KV to the disk tier, if there is one, and say what it did."""
+    llm.close()
+    disk = llm.engine.scheduler.disk
+    if disk is not None and disk.enabled:
+        page = disk.page
+        print(f"[disk cache: {disk.pages_read * page} tokens read in {disk.read_s:.3f} s, {disk.pages_written * page} "
+              f"written in {disk.write_s:.3f} s, in {disk.dir}]", file=sys.stderr, flush=True)
+
+
+def cache(args) -> int:
+    """python -m minillm cache info | clear: what the disk tier holds, and removing it."""
+    from . import disk_cache
+
+    root = args.cache_dir or os.environ.get(disk_cache.ENV_DIR)
+    if not root:
+        raise MinillmError(f"no cache directory: pass --cache-dir DIR or set {disk_cache.ENV_DIR}")
+    root = Path(root)
+    entries = disk_cache.describe(root)
+    if args.action == "clear":
+        for entry in entries:
+            shutil.rmtree(root / entry["fingerprint"], ignore_errors=True)
+        print(f"removed {len(entries)} fingerprint(s), {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB, from {root}")
+        return 0
+    print(f"{root}: {len(entries)} fingerprint(s)")
+    for e in entries:
+        print(f"  {e['fingerprint']}  {e['pages']} pages, {e['tokens']} tokens, {e['bytes'] / 2**20:.1f} MiB  "
+              f"({e['model']}, {e['dtype']}{', exact' if e['exact'] is True else ''})")
     return 0
 
 
@@ -185,6 +226,7 @@ def chat(args) -> int:
               f"ttft {c.ttft_s * 1000:.0f} ms, decode {c.decode_tok_s:.1f} tok/s]", file=sys.stderr, flush=True)
     if completions:
         print(_summary(completions), file=sys.stderr)
+    _close(llm)
     return 0
 
 
@@ -202,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise MinillmError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
                                    "pip install 'minillm[serve]'") from None
             return serve(args)
-        return {"generate": generate, "chat": chat}[args.command](args)
+        return {"generate": generate, "chat": chat, "cache": cache}[args.command](args)
     except MinillmError as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 2

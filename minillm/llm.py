@@ -12,12 +12,17 @@ or after max_new_tokens (finish_reason "stop" or "length").
 
 from __future__ import annotations
 
+import atexit
+import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import disk_cache
 from . import exact as exact_mode
+from . import prepack as packing
 from .config import DTYPES, ModelConfig, load_config, read_json
 from .engine import Engine
 from .errors import MinillmError
@@ -75,8 +80,9 @@ class GenerationDefaults:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, **engine_options):
+                 exact: bool = False, model_dir: Path | None = None, prepacked: bool = False, **engine_options):
         self.model = model
+        self.model_dir, self.prepacked = model_dir, prepacked  # what the disk tier's fingerprint hashes
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -101,18 +107,27 @@ class LLM:
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
         network = load_model(folder, config, dtype, device, prepack)
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, **engine_options)
+        if prepack is None:
+            prepack = packing.available(network.model.embed_tokens.weight.dtype, device)
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder, prepack,
+                   **engine_options)
 
     def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                   max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, schedule_policy: str = "lpm",
                   prefix_cache: bool = True, exact_chunk: int = exact_mode.DEFAULT_CHUNK,
-                  exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS, poison_freed: bool = False) -> None:
+                  exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS, poison_freed: bool = False,
+                  cache_dir: str | Path | None = None, disk_cache_mb: float = disk_cache.DEFAULT_BUDGET_MB) -> None:
         """(Re)build the engine: a fresh KV pool and an empty prefix cache.
         kv_mb: memory for the KV pool, shared by running requests and the prefix cache (kv_tokens: its size in
         tokens instead). max_batch: requests running at once. max_prefill_tokens: prompt tokens per step
         (longer prompts are prefilled in chunks over several steps). schedule_policy: "lpm" (longest cached
         prefix first) or "fcfs". prefix_cache: False computes every prompt whole. exact_chunk,
-        exact_decode_rows: exact mode's tile sizes. poison_freed: debug, fill freed KV with NaN."""
+        exact_decode_rows: exact mode's tile sizes. poison_freed: debug, fill freed KV with NaN.
+        cache_dir: the prefix cache's disk tier (disk_cache.py), default $MINILLM_CACHE_DIR, else none: KV
+        that leaves memory (evicted, or at close() / the end of the process) is written there and later
+        processes reuse it; disk_cache_mb: its budget, least recently used files removed beyond it."""
+        if hasattr(self, "engine"):
+            self.close()  # the old engine's cached KV goes to the disk tier, if there is one
         if schedule_policy not in POLICIES:
             raise MinillmError(f"unknown schedule policy {schedule_policy!r}; choose one of {', '.join(POLICIES)}")
         for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens),
@@ -123,16 +138,34 @@ class LLM:
             kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.config, self.dtype)
         if kv_tokens < 2:
             raise MinillmError(f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb")
+        if disk_cache_mb <= 0:
+            raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
         pool = KVPool(self.config, kv_tokens + 1, self.dtype, self.device, poison_freed)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
         dynamic = self.config.rope.type == "dynamic"
+        cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
+        disk = None
+        if cache_dir and self.model_dir is not None and prefix_cache and not dynamic:
+            page = exact_chunk if self.exact else disk_cache.DEFAULT_PAGE
+            facts = disk_cache.fingerprint(self.model_dir, self.dtype, self.exact, self.prepacked, page)
+            disk = disk_cache.DiskCache(Path(cache_dir), facts, int(disk_cache_mb * 2**20), page)
+            if not hasattr(self, "_close_at_exit"):  # once per LLM, without keeping it alive
+                ref = weakref.ref(self)
+                self._close_at_exit = lambda: ref() is not None and ref().close()
+                atexit.register(self._close_at_exit)
         scheduler = Scheduler(
             pool, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, policy=schedule_policy,
             prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
-            cache_decode_kv=not self.exact, chunk_prefill=not dynamic,
+            cache_decode_kv=not self.exact, chunk_prefill=not dynamic, disk=disk,
         )
         self.engine = Engine(self.model, scheduler, self.exact, exact_chunk, exact_decode_rows)
+
+    def close(self) -> None:
+        """Stop the background engine thread, if any, and write the prefix cache's KV to the disk tier (if
+        there is one; it also runs at the end of the process)."""
+        self.engine.stop()
+        self.engine.scheduler.spill_all()
 
     @property
     def prefix_cache(self):

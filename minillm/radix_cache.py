@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -56,7 +56,6 @@ class Node:
         self.children: dict[int, Node] = {}  # first token of the child's edge -> child
         self.lock_ref = 0  # running requests whose matched path goes through this node
         self.last_access = 0  # logical clock of the last match or insert that touched it
-        self.evicted = False
 
     def __repr__(self) -> str:
         return f"Node({list(self.tokens)}, lock_ref={self.lock_ref}, children={len(self.children)})"
@@ -142,10 +141,10 @@ class RadixCache:
         return matched
 
     def _split(self, node: Node, at: int) -> Node:
-        """Cut node's edge after `at` tokens: a new node holds the first part and becomes node's parent."""
+        """Cut node's edge after `at` tokens: a new node holds the first part and becomes node's parent. (The
+        caller is walking through the head, so it sets the head's last_access.)"""
         head = Node(node.tokens[:at], node.slots[:at], node.parent)
         head.lock_ref = node.lock_ref  # every request using node also uses its first part
-        head.last_access = node.last_access
         head.children[node.tokens[at]] = node
         node.parent.children[node.tokens[0]] = head
         node.tokens, node.slots, node.parent = node.tokens[at:], node.slots[at:], head
@@ -198,22 +197,27 @@ class RadixCache:
 
     # -- eviction -------------------------------------------------------------------------------------
 
-    def evict(self, num_tokens: int) -> torch.Tensor:
+    def evict(self, num_tokens: int, spill: Callable[[Node], None] | None = None) -> torch.Tensor:
         """Drop least recently used unlocked leaves until num_tokens are freed (or nothing is evictable);
-        returns the freed slots, for the caller to give back to the pool. Collecting the candidates walks the
-        whole tree once per call: simple, and cheap next to a forward."""
+        returns the freed slots, for the caller to give back to the pool. spill(leaf) is called before each
+        leaf goes, while its KV is still in the pool (the disk tier writes it down). Collecting the
+        candidates walks the whole tree once per call: simple, and cheap next to a forward."""
+        # id() keeps heapq from comparing two nodes; it never decides the order, since one operation touches
+        # one path and so no two leaves share a last_access.
         leaves = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed: list[torch.Tensor] = []
         count = 0
         while count < num_tokens and leaves:
             _, _, leaf = heapq.heappop(leaves)
+            if spill is not None:
+                spill(leaf)
             parent = leaf.parent
             del parent.children[leaf.tokens[0]]
             count += len(leaf.tokens)
             freed.append(leaf.slots)
             self.total_tokens -= len(leaf.tokens)
-            leaf.parent, leaf.slots, leaf.evicted = None, NO_SLOTS, True
+            leaf.parent, leaf.slots = None, NO_SLOTS
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, (parent.last_access, id(parent), parent))
         self.stats.evicted_tokens += count
@@ -227,6 +231,15 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+    def path(self, node: Node) -> tuple[tuple[int, ...], torch.Tensor]:
+        """The tokens and slots of the whole prefix that ends at node."""
+        tokens, slots = [], []
+        while node is not self.root:
+            tokens.append(node.tokens)
+            slots.append(node.slots)
+            node = node.parent
+        return sum(reversed(tokens), ()), torch.cat(slots[::-1]) if slots else NO_SLOTS
 
     def all_slots(self) -> list[int]:
         return [s for node in self._nodes() for s in node.slots.tolist()]
@@ -249,17 +262,13 @@ class RadixCache:
         assert self.root.parent is None and self.root.tokens == ()
         tokens = protected = 0
         for node in self._nodes():
-            assert not node.evicted, f"evicted {node} is still in the tree"
             assert len(node.tokens) > 0, "a non-root node with an empty edge"
-            assert node.parent.children.get(node.tokens[0]) is node, f"{node} is not keyed by its first token"
+            # parent pointer and key agree
+            assert node.parent.children.get(node.tokens[0]) is node, f"{node} is not its parent's child by its first token"
             assert node.slots.shape == (len(node.tokens),), f"{node}: {node.slots.shape[0]} slots"
             assert node.lock_ref >= 0
             assert node.lock_ref >= sum(c.lock_ref for c in node.children.values()), f"{node}: lock below parent's"
-            for first, child in node.children.items():
-                assert child.parent is node and child.tokens[0] == first
             tokens += len(node.tokens)
             protected += len(node.tokens) if node.lock_ref else 0
-        for first, child in self.root.children.items():
-            assert child.parent is self.root and child.tokens[0] == first
         assert tokens == self.total_tokens, f"token count {self.total_tokens} != {tokens}"
         assert protected == self.protected_tokens, f"protected count {self.protected_tokens} != {protected}"

@@ -10,7 +10,7 @@ It owns the waiting queue, the running batch, the KV pool and the radix tree, an
                      plus evictable cached ones, minus a slot per running request for its next token).
                      Order: longest cached prefix first ("lpm", SGLang's policy: what is in the tree now gets
                      used before it is evicted), or first come first served ("fcfs"). A request passed over
-                     `max_passed_over` times goes first whatever the policy, so none starves.
+                     MAX_PASSED_OVER times goes first whatever the policy, so none starves.
     3. prefill       requests still in their prompt get chunks, at most max_prefill_tokens in all per step, so
                      a long prompt does not stall everyone's decode.
     4. decode        one row for every running request past its prompt.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .disk_cache import DiskCache
 from .kv_pool import KVPool
 from .radix_cache import RadixCache, common_length
 from .request import Request
@@ -38,6 +39,8 @@ POLICIES = ("lpm", "fcfs")
 # than the tree holds (or all of its own, if fewer) waits for that prefill to land in the tree, instead of
 # computing the same KV twice.
 SHARE_WAIT_TOKENS = 32
+# A waiting request that later arrivals went ahead of this many times is admitted next, whatever the policy.
+MAX_PASSED_OVER = 16
 
 
 @dataclass
@@ -55,18 +58,19 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, max_batch: int = 16, max_prefill_tokens: int = 512, policy: str = "lpm",
-                 prefix_cache: bool = True, align: int = 1, cache_decode_kv: bool = True, chunk_prefill: bool = True,
-                 max_passed_over: int = 16):
-        """align: prefill chunks start, and cache hits end, on multiples of this (exact mode's chunk size).
+    def __init__(self, pool: KVPool, *, max_batch: int, max_prefill_tokens: int, policy: str, prefix_cache: bool,
+                 align: int, cache_decode_kv: bool, chunk_prefill: bool, disk: DiskCache | None):
+        """Settings come from LLM.configure (llm.py), which documents them. align: prefill chunks start, and cache hits end, on multiples of this (exact mode's chunk size).
         cache_decode_kv: decode-step KV may go into the tree (not in exact mode, where only prefill-shaped KV
         is reusable bit for bit). chunk_prefill: False prefills each prompt in one piece (dynamic NTK RoPE,
-        whose frequencies depend on the length of the forward)."""
+        whose frequencies depend on the length of the forward). disk: the disk tier under the tree
+        (disk_cache.py): evicted KV is written there, and a lookup continues there."""
         self.pool = pool
         self.tree = RadixCache()
         self.max_batch, self.max_prefill_tokens, self.policy = max_batch, max_prefill_tokens, policy
         self.prefix_cache, self.align, self.cache_decode_kv = prefix_cache, align, cache_decode_kv
-        self.chunk_prefill, self.max_passed_over = chunk_prefill, max_passed_over
+        self.chunk_prefill = chunk_prefill
+        self.disk = disk
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # in admission order
         self.preemptions = 0
@@ -85,13 +89,12 @@ class Scheduler:
         self._admit()
         work, budget = [], self.max_prefill_tokens
         for r in self.running:
-            if r.in_prefill and (budget > 0 or not work):
+            if r.in_prefill and budget > 0:  # max_prefill_tokens >= 1: the first prompt always progresses
                 start = r.num_computed
                 end = len(r.prompt)
-                if self.chunk_prefill:
-                    end = min(end, start + max(budget, 1))
-                    if self.align > 1:  # whole aligned chunks only (the last one of the prompt may be short)
-                        end = min(len(r.prompt), max(end // self.align * self.align, start + self.align))
+                if self.chunk_prefill:  # at most the budget, in whole aligned chunks (the prompt's last may be short)
+                    end = min(end, start + budget)
+                    end = min(len(r.prompt), max(end // self.align * self.align, start + self.align))
                 work.append(Work(r, start, end - start, sample=end == r.num_tokens))
                 budget -= end - start
         for r in self.running:
@@ -120,17 +123,53 @@ class Scheduler:
         """Make n slots free, evicting unlocked cached prefixes if needed; False if even that is not enough."""
         short = n - self.pool.free_slots
         if short > 0 and short <= self.tree.evictable_tokens:
-            self.pool.free(self.tree.evict(short))
+            self.pool.free(self.tree.evict(short, self._spill if self.disk else None))
         return self.pool.free_slots >= n
+
+    # -- the disk tier --------------------------------------------------------------------------------
+
+    def _spill(self, leaf) -> None:
+        """An evicted leaf's KV goes to disk (the pages that reach into the leaf; its ancestors' own pages
+        go when they are evicted in turn, or at spill_all)."""
+        tokens, slots = self.tree.path(leaf)
+        self.disk.write(list(tokens), slots, self.pool.keys, self.pool.values, from_token=len(tokens) - len(leaf.tokens))
+
+    def spill_all(self) -> None:
+        """Write everything the tree holds to disk (at the end of the process)."""
+        if self.disk:
+            for tokens, slots in self.tree.sequences():
+                self.disk.write(list(tokens), slots, self.pool.keys, self.pool.values)
+
+    def _load_from_disk(self, r: Request, limit: int) -> None:
+        """Continue r's lookup on disk past what the tree holds (up to limit tokens) and put the pages found
+        into the pool and the tree, where the match that follows finds them."""
+        page = self.disk.page
+        cached = min(self.tree.match_length(r.tokens), limit)
+        first = cached // page
+        layers, kv_heads, _, head_dim = self.pool.keys.shape
+        pages = self.disk.read(r.tokens, first, limit // page, (layers, kv_heads, page, head_dim), self.pool.keys.dtype)
+        end = (first + len(pages)) * page
+        if end <= cached:
+            return
+        match = self.tree.match_prefix(r.tokens, limit=cached, count=False)
+        self.tree.lock(match.node)  # evicting to make room must not take the prefix being extended
+        if self._ensure_free(end - cached):
+            slots = self.pool.alloc(end - cached)
+            skip = cached - first * page  # the first page's tokens the tree already has
+            for name, store in (("keys", self.pool.keys), ("values", self.pool.values)):
+                kv = torch.cat([p[0 if name == "keys" else 1] for p in pages], dim=2)[:, :, skip:]
+                store.index_copy_(2, slots.to(store.device), kv.to(store.device))
+            self.pool.free(self.tree.insert(r.tokens[:end], torch.cat((match.slots, slots))))
+        self.tree.unlock(match.node)
 
     def _admit(self) -> None:
         if not self.waiting:
             return
         if self.policy == "lpm" and self.prefix_cache:
             lengths = {r.id: self.tree.match_length(r.tokens) for r in self.waiting}
-            self.waiting.sort(key=lambda r: (r.passed_over < self.max_passed_over, -lengths[r.id]))  # stable
+            self.waiting.sort(key=lambda r: (r.passed_over < MAX_PASSED_OVER, -lengths[r.id]))  # stable
         else:
-            self.waiting.sort(key=lambda r: r.passed_over < self.max_passed_over)
+            self.waiting.sort(key=lambda r: r.passed_over < MAX_PASSED_OVER)
         admitted = []
         for r in list(self.waiting):
             if len(self.running) >= self.max_batch:
@@ -159,11 +198,13 @@ class Scheduler:
         """Match r's cached prefix, lock it and allocate slots for the rest: "admitted", "full" (its KV does
         not fit now) or "deferred" (a prompt being prefilled will give it a longer cached prefix soon)."""
         m, use_cache = 0, self.prefix_cache and r.use_prefix_cache
+        # Exact mode reuses prefill-shaped KV only: a resumed request recomputes its generated tokens.
+        limit = None if self.cache_decode_kv else min(r.num_tokens - 1, len(r.prompt))
+        if use_cache and self.disk:
+            self._load_from_disk(r, r.num_tokens - 1 if limit is None else limit)
         if use_cache and self._would_share_with_prefill(r, self.tree.match_length(r.tokens)):
             return "deferred"
         if use_cache:
-            # Exact mode reuses prefill-shaped KV only: a resumed request recomputes its generated tokens.
-            limit = None if self.cache_decode_kv else min(r.num_tokens - 1, len(r.prompt))
             match = self.tree.match_prefix(r.tokens, align=self.align, limit=limit, count=r.cached_tokens is None)
             self.tree.lock(match.node)
             m = match.length
@@ -237,7 +278,7 @@ class Scheduler:
                 seen[s] = owner
         assert len(seen) == self.pool.num_slots, f"{self.pool.num_slots - len(seen)} slots leaked"
         for r in self.running:
-            assert r.num_cached <= r.num_computed <= r.num_allocated <= r.num_tokens + 1
+            assert r.num_cached <= r.num_computed <= r.num_allocated <= r.num_tokens
             if r.num_cached:
                 path, node = [], r.node
                 while node is not self.tree.root:

@@ -268,6 +268,7 @@ def serve(args) -> int:
     started = time.perf_counter()
     http_thread.start()
     llm.engine.serve(should_stop=lambda: not http_thread.is_alive())
+    llm.close()  # the prefix cache's KV to the disk tier, if there is one
     if not server.started:
         raise MinillmError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another --port")
     print(f"minillm: server stopped after {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+import pytest
 
-from minillm.radix_cache import RadixCache
+from minillm.radix_cache import CacheStats, RadixCache, common_length
 
 token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 
@@ -29,6 +30,7 @@ class RadixMachine(RuleBasedStateMachine):
         self.slot_of: dict[tuple, int] = {}  # the reference: cached prefix -> slot of its last token
         self.next_slot = 1
         self.live: list[tuple] = []  # (tokens, matched length, node) of every held lock
+        self.stats = CacheStats()  # what the tree's counters must read
 
     def fresh(self, n):
         slots = torch.arange(self.next_slot, self.next_slot + n)
@@ -50,18 +52,34 @@ class RadixMachine(RuleBasedStateMachine):
         expected_duplicates = [int(s) for p, s in zip(prefixes(tokens), slots) if p in self.slot_of and self.slot_of[p] != s]
         duplicates = self.cache.insert(tokens, slots)
         assert sorted(duplicates.tolist()) == sorted(expected_duplicates)
+        self.stats.inserted_tokens += sum(p not in self.slot_of for p in prefixes(tokens))
         for p, s in zip(prefixes(tokens), slots.tolist()):
             self.slot_of.setdefault(p, s)
+        if reuse:
+            self.stats.lookups += 1
+            self.stats.hit_tokens += len(matched)
+            self.stats.computed_tokens += len(tokens) - len(matched)
 
-    @rule(tokens=token_lists, align=st.sampled_from([1, 2, 3]))
-    def match(self, tokens, align):
-        result = self.cache.match_prefix(tokens, align=align)
-        assert result.length == self.reference_match(tokens, len(tokens) - 1) // align * align
+    @rule(tokens=token_lists, align=st.sampled_from([1, 2, 3]), limit=st.none() | st.integers(0, 12))
+    def match(self, tokens, align, limit):
+        limit = None if limit is None else min(limit, len(tokens))
+        result = self.cache.match_prefix(tokens, align=align, limit=limit)
+        expected = self.reference_match(tokens, len(tokens) - 1 if limit is None else limit) // align * align
+        assert result.length == expected
         assert result.slots.tolist() == [self.slot_of[p] for p in prefixes(tokens[: result.length])]
+        self.stats.lookups += 1
+        self.stats.hit_tokens += expected
+        self.stats.computed_tokens += len(tokens) - expected
+
+    @rule(tokens=token_lists)
+    def match_length(self, tokens):
+        before = [(t, s.tolist()) for t, s in self.cache.sequences()]
+        assert self.cache.match_length(tokens) == self.reference_match(tokens, len(tokens) - 1)
+        assert [(t, s.tolist()) for t, s in self.cache.sequences()] == before
 
     @rule(target=holders, tokens=token_lists)
     def lock(self, tokens):
-        result = self.cache.match_prefix(tokens)
+        result = self.cache.match_prefix(tokens, count=False)
         self.cache.lock(result.node)
         holder = (tuple(tokens), result.length, result.node)
         self.live.append(holder)
@@ -77,6 +95,7 @@ class RadixMachine(RuleBasedStateMachine):
         evictable = self.cache.evictable_tokens
         freed = self.cache.evict(num_tokens).tolist()
         assert len(freed) >= min(num_tokens, evictable) and len(freed) <= evictable
+        self.stats.evicted_tokens += len(freed)
         held = {p for tokens, _ in self.cache.sequences() for p in prefixes(tokens)}
         gone = {p: s for p, s in self.slot_of.items() if p not in held}
         assert sorted(freed) == sorted(gone.values()), "freed slots are not those of the dropped prefixes"
@@ -88,6 +107,7 @@ class RadixMachine(RuleBasedStateMachine):
     @invariant()
     def structure_holds(self):
         self.cache.check_invariants()
+        assert self.cache.stats == self.stats
         assert self.cache.total_tokens == len(self.slot_of)  # one slot per prefix: nothing held twice
         for tokens, slots in self.cache.sequences():
             assert slots.tolist() == [self.slot_of[p] for p in prefixes(tokens)]
@@ -164,3 +184,81 @@ def test_match_length_does_not_change_the_tree():
     assert cache.match_length([1, 2, 7]) == 2 and cache.match_length([1, 2, 3, 4, 5]) == 4
     assert len(cache.root.children[1].tokens) == 4  # no split
     assert cache.stats.lookups == 0
+
+
+def test_common_length():
+    assert common_length((1, 2, 3), (1, 2, 4)) == 2
+    assert common_length((5, 6), (7, 6)) == 0
+    assert common_length((1, 2), (1, 2, 3)) == 2 and common_length((1, 2, 3), (1,)) == 1
+
+
+def test_eviction_follows_last_use_not_insertion_order():
+    """Four leaves touched in an order unlike their insertion order (or its reverse) leave one by one in
+    least-recently-used order."""
+    cache = RadixCache()
+    for i in range(4):
+        cache.insert([i, i], slots_for([i, i], 10 * (i + 1)))
+    for i in (1, 3, 0, 2):
+        cache.match_prefix([i, i, 9])
+    assert [cache.evict(1).tolist() for _ in range(4)] == [[20, 21], [40, 41], [10, 11], [30, 31]]
+
+
+def test_evict_stops_as_soon_as_enough_is_freed():
+    cache = RadixCache()
+    for i in range(4):
+        cache.insert([i, i], slots_for([i, i], 10 * (i + 1)))
+    assert len(cache.evict(2)) == 2  # exactly one leaf
+    assert len(cache.evict(3)) == 4  # two whole leaves; a third would be one too many
+    assert cache.stats.evicted_tokens == 6 and cache.total_tokens == 2
+
+
+def test_unlock_without_lock_is_refused():
+    cache = RadixCache()
+    cache.insert([1, 2, 3], slots_for([1, 2, 3], 1))
+    with pytest.raises(AssertionError, match="unlock without lock"):
+        cache.unlock(cache.match_prefix([1, 2, 3, 4]).node)
+
+
+def corrupt(how):
+    cache = RadixCache()
+    cache.insert([1, 2, 3], slots_for([1, 2, 3], 1))
+    cache.insert([1, 2, 5], slots_for([1, 2, 5], 4))
+    cache.lock(cache.match_prefix([1, 2, 3, 4]).node)
+    head = cache.root.children[1]
+    leaf3, leaf5 = head.children[3], head.children[5]
+    if how == "root edge":
+        cache.root.tokens = (7,)
+    elif how == "root parent":
+        cache.root.parent = head
+    elif how == "empty edge":
+        head.children[3] = leaf3
+        leaf3.tokens, leaf3.slots = (), slots_for([], 0)
+    elif how == "wrong key":
+        head.children[4] = head.children.pop(5)
+    elif how == "wrong key under root":
+        cache.root.children[9] = cache.root.children.pop(1)
+    elif how == "slot count":
+        leaf5.slots = slots_for([0, 0], 7)
+    elif how == "parent pointer":
+        leaf5.parent = leaf3
+    elif how == "root child's parent":
+        head.parent = leaf3
+    elif how == "lock below child":
+        head.lock_ref = 0
+    elif how == "negative lock":
+        leaf5.lock_ref = -1
+    elif how == "token count":
+        cache.total_tokens += 1
+    elif how == "protected count":
+        cache.protected_tokens -= 1
+    return cache
+
+
+@pytest.mark.parametrize("how", ["root edge", "root parent", "empty edge", "wrong key", "wrong key under root", "slot count",
+                                 "parent pointer", "root child's parent", "lock below child", "negative lock",
+                                 "token count", "protected count"])
+def test_check_invariants_catches_each_corruption(how):
+    """The stateful test leans on check_invariants, so each of its checks is shown to fire."""
+    corrupt(None).check_invariants()
+    with pytest.raises(AssertionError):
+        corrupt(how).check_invariants()

@@ -1,0 +1,156 @@
+"""Mutation testing: plant small bugs in the core modules and count how many the test suite catches.
+
+mutmut rewrites each function of a module into many mutants (`<` for `<=`, `+ 1` for `+ 2`, a dropped
+argument, ...) and runs the tests that cover that function against each one. A mutant the tests fail on is
+killed; one they pass on survived, and is either a missing test or an equivalent mutant (a change that
+cannot alter behaviour, such as a different default that every caller overrides). Equivalent mutants are
+listed, one line each with the reason, in tests/equivalent_mutants.txt; the score leaves them out:
+
+    score = killed / (mutants - equivalent)
+
+Each module runs in its own copy of the repository (mutmut needs a scratch tree) with only the test files
+that exercise it, so a run of one module takes minutes, not the whole suite per mutant. The full run takes
+about an hour on two cores and stays out of CI. Usage:
+
+    python tools/mutation.py                      # every core module, writes bench/mutation.json
+    python tools/mutation.py radix_cache sampling # some modules (merged into bench/mutation.json)
+    python tools/mutation.py --survivors          # after a run: each surviving mutant's diff
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT_FILE = ROOT / "tests" / "equivalent_mutants.txt"
+
+# module -> the test files that exercise it (the mutants of a function run only the tests that cover it).
+# Tests that start other Python processes are left out: those processes import the unmutated package.
+NO_SUBPROCESS = ["-k", "not process"]
+MODULE_TESTS = {
+    "radix_cache": ["tests/test_radix_cache.py"],
+    "scheduler": ["tests/test_scheduler.py", "tests/test_batching.py", "tests/test_disk_cache.py", *NO_SUBPROCESS],
+    "disk_cache": ["tests/test_disk_cache.py", *NO_SUBPROCESS],
+    "kv_pool": ["tests/test_kv_pool.py", "tests/test_scheduler.py", "tests/test_batching.py"],
+    "exact": ["tests/test_exact.py"],
+    "sampling": ["tests/test_sampling.py"],
+    "rope": ["tests/test_rope.py"],
+    "model": ["tests/test_parity.py", "tests/test_kv_pool.py", "tests/test_prefix_cache.py"],
+    "forward_batch": ["tests/test_kv_pool.py", "tests/test_batching.py"],
+    "engine": ["tests/test_scheduler.py", "tests/test_batching.py"],
+    "request": ["tests/test_batching.py", "tests/test_text.py"],
+}
+
+STATUS_KILLED = {"killed", "timeout", "segfault"}  # mutmut's verdicts that mean the tests caught the mutant
+
+
+def load_equivalent() -> dict[str, str]:
+    """tests/equivalent_mutants.txt: `mutant_name  # reason` per line; blank lines and # comments skipped."""
+    listed = {}
+    for line in EQUIVALENT_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, reason = line.partition("#")
+            listed[name.strip()] = reason.strip()
+    return listed
+
+
+def scratch_tree(workdir: Path, module: str) -> Path:
+    """A copy of the tracked files with a [tool.mutmut] section for this module."""
+    tree = workdir / module
+    if tree.exists():
+        shutil.rmtree(tree)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith("bench/"):
+            continue
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    tests = ", ".join(json.dumps(t) for t in MODULE_TESTS[module])
+    with open(tree / "pyproject.toml", "a") as f:
+        f.write(
+            "\n[tool.mutmut]\n"
+            'source_paths = ["minillm"]\n'
+            f'only_mutate = ["minillm/{module}.py"]\n'
+            f"pytest_add_cli_args_test_selection = [{tests}]\n"
+            'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool has run
+        )
+    return tree
+
+
+def run_module(workdir: Path, module: str, jobs: int) -> dict:
+    tree = scratch_tree(workdir, module)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    run = subprocess.run(["mutmut", "run", "--max-children", str(jobs)], cwd=tree, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        sys.exit(f"mutmut failed on {module}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+    listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=tree, env=env, capture_output=True, text=True, check=True)
+    statuses = dict(re.findall(r"^\s*(\S+): (.+)$", listing.stdout, re.M))
+    return {"statuses": statuses, "seconds": round(seconds, 1)}
+
+
+def summarize(module: str, statuses: dict[str, str], equivalent: dict[str, str]) -> dict:
+    killed = sum(s in STATUS_KILLED for s in statuses.values())
+    escaped = sorted(n for n, s in statuses.items() if s not in STATUS_KILLED)
+    marked = [n for n in escaped if n in equivalent]
+    missed = [n for n in escaped if n not in equivalent]
+    stale = [n for n in equivalent if n.startswith(f"minillm.{module}.") and statuses.get(n) in STATUS_KILLED]
+    scored = len(statuses) - len(marked)
+    return {
+        "mutants": len(statuses),
+        "killed": killed,
+        "equivalent": len(marked),
+        "survived": missed,
+        "score": round(killed / scored, 4) if scored else 1.0,
+        "killed_but_listed_equivalent": stale,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULE_TESTS)}")
+    parser.add_argument("--workdir", default="/tmp/minillm-mutation", help="scratch trees, one per module")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "mutation.json"))
+    parser.add_argument("--survivors", action="store_true", help="print the diff of each surviving mutant of the last run")
+    args = parser.parse_args()
+    modules = args.modules or list(MODULE_TESTS)
+    unknown = [m for m in modules if m not in MODULE_TESTS]
+    if unknown:
+        sys.exit(f"unknown module(s) {unknown}; choose from {list(MODULE_TESTS)}")
+    if shutil.which("mutmut") is None:
+        sys.exit("mutmut is not installed: pip install -e '.[dev]'")
+    workdir, out = Path(args.workdir), Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {}
+    equivalent = load_equivalent()
+
+    if args.survivors:
+        for module in modules:
+            for name in report.get(module, {}).get("survived", []):
+                diff = subprocess.run(["mutmut", "show", name], cwd=workdir / module, capture_output=True, text=True)
+                print(diff.stdout)
+        return
+
+    for module in modules:
+        result = run_module(workdir, module, args.jobs)
+        report[module] = summarize(module, result["statuses"], equivalent) | {"seconds": result["seconds"], "tests": MODULE_TESTS[module]}
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        r = report[module]
+        print(f"{module:14s} {r['killed']:4d}/{r['mutants'] - r['equivalent']:4d} killed ({r['equivalent']} equivalent)  "
+              f"score {r['score']:.1%}  survived {len(r['survived'])}  {r['seconds']:.0f} s", flush=True)
+    total = [report[m] for m in MODULE_TESTS if m in report]
+    killed = sum(r["killed"] for r in total)
+    scored = sum(r["mutants"] - r["equivalent"] for r in total)
+    print(f"{'all':14s} {killed:4d}/{scored:4d} killed  score {killed / scored:.1%}")
+
+
+if __name__ == "__main__":
+    main()
