@@ -23,7 +23,7 @@ from .config import ModelConfig, RopeConfig
 
 def _default_inv_freq(theta: float | torch.Tensor, dim: int) -> torch.Tensor:
     # [dim/2] float32: theta^(-2i/dim)
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
 
 
 def _yarn_attention_factor(rope: RopeConfig) -> float:
@@ -55,7 +55,7 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2) - low) / (high - low), 0, 1)  # float32, as transformers'
     keep = 1 - ramp  # 1: channel keeps its pretrained frequency; 0: channel is interpolated
     return interpolation * (1 - keep) + extrapolation * keep
 
@@ -119,7 +119,7 @@ class RotaryEmbedding:
                 angles[rows] = torch.outer(positions[rows].float(), self._dynamic_inv_freq(length).to(positions.device))
         else:
             angles = torch.outer(positions.float(), self.inv_freq.to(positions.device))  # [N, head_dim/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [N, head_dim]: the same angle for channel i and i+dim/2
+        angles = torch.cat((angles, angles), dim=1)  # [N, head_dim]: the same angle for channel i and i+dim/2
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)

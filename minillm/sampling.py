@@ -70,7 +70,7 @@ def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, prese
 
 
 def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
+    k = min(k, logits.shape[1])
     kth_best = torch.topk(logits, k)[0][..., -1, None]
     return logits.masked_fill(logits < kth_best, -math.inf)
 
@@ -78,8 +78,8 @@ def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling: sort ascending, drop the low tail whose total probability is <= 1 - p; the most
     likely token always stays."""
-    sorted_logits, order = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_logits, order = torch.sort(logits, dim=1)  # ascending
+    cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
     remove_sorted = cumulative <= (1 - p)
     remove_sorted[..., -1:] = False
     remove = remove_sorted.scatter(1, order, remove_sorted)
@@ -89,10 +89,10 @@ def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep tokens whose probability is at least p times the most likely token's (the bar moves with the
     model's confidence); the most likely token always stays."""
-    probs = torch.softmax(logits, dim=-1)
-    remove = probs < p * probs.amax(dim=-1, keepdim=True)
-    order = torch.argsort(logits, descending=True, dim=-1)
-    remove_sorted = torch.gather(remove, -1, order)
+    probs = torch.softmax(logits, dim=1)
+    remove = probs < p * probs.amax(dim=1, keepdim=True)
+    order = torch.argsort(logits, dim=1, descending=True)
+    remove_sorted = torch.gather(remove, 1, order)
     remove_sorted[..., :1] = False
     remove = remove_sorted.scatter(1, order, remove_sorted)
     return logits.masked_fill(remove, -math.inf)
@@ -129,6 +129,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> int:
         logits = self.process(logits, seen, counts)
         if self.params.temperature == 0:
-            return int(logits.argmax(dim=-1))
-        probs = torch.softmax(logits, dim=-1)
+            return int(logits.argmax())
+        probs = torch.softmax(logits, dim=1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -144,20 +144,20 @@ class Scheduler:
         """Continue r's lookup on disk past what the tree holds (up to limit tokens) and put the pages found
         into the pool and the tree, where the match that follows finds them."""
         page = self.disk.page
-        cached = min(self.tree.match_length(r.tokens), limit)
-        first = cached // page
+        match = self.tree.match_prefix(r.tokens, limit=limit, count=False)
+        first = match.length // page  # the page in which the tree's match ends
         layers, kv_heads, _, head_dim = self.pool.keys.shape
         pages = self.disk.read(r.tokens, first, limit // page, (layers, kv_heads, page, head_dim), self.pool.keys.dtype)
         end = (first + len(pages)) * page
-        if end <= cached:
+        new = end - match.length  # tokens the disk adds
+        if new <= 0:
             return
-        match = self.tree.match_prefix(r.tokens, limit=cached, count=False)
         self.tree.lock(match.node)  # evicting to make room must not take the prefix being extended
-        if self._ensure_free(end - cached):
-            slots = self.pool.alloc(end - cached)
-            skip = cached - first * page  # the first page's tokens the tree already has
-            for name, store in (("keys", self.pool.keys), ("values", self.pool.values)):
-                kv = torch.cat([p[0 if name == "keys" else 1] for p in pages], dim=2)[:, :, skip:]
+        if self._ensure_free(new):
+            slots = self.pool.alloc(new)
+            skip = match.length - first * page  # the first page's tokens the tree already has
+            for i, store in enumerate((self.pool.keys, self.pool.values)):
+                kv = torch.cat([p[i] for p in pages], dim=2)[:, :, skip:]  # [layers, kv_heads, new, head_dim]
                 store.index_copy_(2, slots.to(store.device), kv.to(store.device))
             self.pool.free(self.tree.insert(r.tokens[:end], torch.cat((match.slots, slots))))
         self.tree.unlock(match.node)
@@ -266,7 +266,8 @@ class Scheduler:
     # -- checking -------------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Every usable slot is free, held by the tree, or owned by one running request; the tree holds."""
+        """Every usable slot is free, held by the tree, or owned by one running request; the tree holds; a node
+        is locked exactly by the running requests whose cached prefix runs through it."""
         self.tree.check_invariants()
         owners = [("free", self.pool.free_list()), ("tree", self.tree.all_slots())]
         owners += [(f"request {r.id}", r.owned_slots().tolist()) for r in self.running]
@@ -288,3 +289,11 @@ class Scheduler:
                 assert torch.equal(held[: r.num_cached], r.slot_table[: r.num_cached]), f"request {r.id}: prefix slots"
         for r in self.waiting:
             assert r.node is None and r.num_allocated == 0
+        holders: dict[int, int] = {}  # node id -> running requests whose locked path runs through it
+        for r in self.running:
+            node = r.node
+            while node is not None and node is not self.tree.root:
+                holders[id(node)] = holders.get(id(node), 0) + 1
+                node = node.parent
+        for node in self.tree._nodes():
+            assert node.lock_ref == holders.get(id(node), 0), f"{node}: {holders.get(id(node), 0)} running holders"

@@ -209,3 +209,28 @@ def test_cli_second_run_reuses_the_document_and_cache_info_clear(checkpoint, tmp
     os.environ.pop("MINILLM_CACHE_DIR", None)
     assert cli(["cache", "info"]) == 2
     assert "pass --cache-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split, length, cached", [(80, 201, 192), (127, 129, 128)])
+def test_a_lookup_continues_on_disk_where_the_tree_ends(llm, tmp_path, split, length, cached):
+    """The tree holds the first `split` tokens of a document (shared with another prompt), the disk the rest:
+    a request takes both, mid-page (down to the last token of a page), and the lookup is counted once.
+    Evicting the document's tail writes only the pages that reach into it: the shared part stays in memory."""
+    doc = [(7 * i) % 300 + 2 for i in range(200)]
+    prompt = doc[: length - 1] + [5]
+    expected = reference(llm, prompt)
+    llm.configure(cache_dir=tmp_path, poison_freed=True)
+    s = llm.engine.scheduler
+    llm.generate(doc + [4], **GREEDY)
+    llm.generate(doc[:split] + [3] * 10, **GREEDY)  # splits the document's node after `split` tokens
+    for _ in range(3):  # least recently used leaves first: the first request's tokens, then the document's tail
+        if s.tree.match_length(doc + [5]) > split:
+            s.pool.free(s.tree.evict(1, spill=s._spill))
+    assert s.tree.match_length(doc + [5]) == split
+    first_page = s.disk.dir / f"{page_keys(s.disk.facts['id'], doc, 64)[0]}.safetensors"
+    assert not first_page.exists()  # tokens 0-63 are still in memory: not written
+    lookups = s.tree.stats.lookups
+    again = llm.generate(prompt, **GREEDY)
+    assert again.cached_tokens == cached and again.token_ids == expected.token_ids
+    assert s.tree.stats.lookups == lookups + 1
+    s.check_invariants()

@@ -80,6 +80,8 @@ class RadixMachine(RuleBasedStateMachine):
     @rule(target=holders, tokens=token_lists)
     def lock(self, tokens):
         result = self.cache.match_prefix(tokens, count=False)
+        path_tokens, path_slots = self.cache.path(result.node)
+        assert path_tokens == tuple(tokens[: result.length]) and torch.equal(path_slots, result.slots)
         self.cache.lock(result.node)
         holder = (tuple(tokens), result.length, result.node)
         self.live.append(holder)
@@ -93,12 +95,16 @@ class RadixMachine(RuleBasedStateMachine):
     @rule(num_tokens=st.integers(1, 40))
     def evict(self, num_tokens):
         evictable = self.cache.evictable_tokens
-        freed = self.cache.evict(num_tokens).tolist()
+        spilled = []  # what the disk tier would be handed: each evicted leaf's whole prefix, before it goes
+        freed = self.cache.evict(num_tokens, spill=lambda leaf: spilled.append(self.cache.path(leaf))).tolist()
         assert len(freed) >= min(num_tokens, evictable) and len(freed) <= evictable
         self.stats.evicted_tokens += len(freed)
         held = {p for tokens, _ in self.cache.sequences() for p in prefixes(tokens)}
         gone = {p: s for p, s in self.slot_of.items() if p not in held}
         assert sorted(freed) == sorted(gone.values()), "freed slots are not those of the dropped prefixes"
+        for path_tokens, path_slots in spilled:
+            assert path_tokens in gone and path_slots.tolist() == [self.slot_of[p] for p in prefixes(path_tokens)]
+        assert set(gone) <= {p for path_tokens, _ in spilled for p in prefixes(path_tokens)}
         for tokens, length, _ in self.live:
             assert all(p in held for p in prefixes(tokens[:length])), "a locked prefix was evicted"
         for p in gone:

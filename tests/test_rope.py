@@ -102,3 +102,37 @@ def test_logits_bitwise_equal_to_transformers_on_the_band_configs(checkpoint, op
     with torch.no_grad():
         reference = hf_model(folder)(torch.tensor([ids])).logits[0]
     assert torch.equal(LLM.load(folder, prepack=False).logits(ids), reference)
+
+
+def yarn(**parameters):
+    rope = dict(YARN["rope_parameters"]) | parameters
+    return dict(YARN, rope_parameters=rope)
+
+
+EDGE_CONFIGS = {
+    "linear": dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    "llama3-low-factor-2": dict(LLAMA3, rope_parameters=dict(LLAMA3["rope_parameters"], low_freq_factor=2.0)),
+    "yarn-mscale-both": yarn(factor=2.0, mscale=0.707, mscale_all_dim=0.5),  # DeepSeek's form
+    "yarn-mscale-one": yarn(factor=2.0, mscale=0.707),
+    "yarn-factor-1": yarn(factor=1.0),
+    "yarn-ramp-clamped": yarn(beta_fast=1e6, beta_slow=1e-6),  # the ramp runs past both ends of the channels
+    "yarn-ramp-empty": yarn(beta_fast=8.0, beta_slow=8.0, truncate=False),  # low == high
+}
+
+
+@pytest.mark.parametrize("name", EDGE_CONFIGS)
+def test_frequencies_and_attention_factor_equal_transformers_on_edge_configs(checkpoint, name):
+    """The branches the band configurations do not reach: linear scaling, YaRN's mscale forms, a factor of
+    1, a ramp clamped at both ends and an empty ramp, llama3 with another low_freq_factor."""
+    folder = checkpoint("llama", **EDGE_CONFIGS[name])
+    ours = rotary(folder)
+    reference, attention_factor = transformers_inv_freq(folder)
+    assert torch.equal(ours.inv_freq, reference.float())
+    assert ours.attention_scaling == attention_factor
+    positions = torch.arange(40)
+    cos, sin = ours.cos_sin(positions, torch.bfloat16)
+    cos32, sin32 = ours.cos_sin(positions, torch.float32)
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos32.shape == (40, ours.dim)
+    assert torch.equal(cos, cos32.bfloat16()) and torch.equal(sin, sin32.bfloat16())
+    angles = torch.outer(positions.float(), ours.inv_freq).repeat(1, 2)
+    assert torch.equal(cos32, angles.cos() * ours.attention_scaling)

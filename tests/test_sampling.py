@@ -95,3 +95,45 @@ def test_frequency_penalty_breaks_a_greedy_loop(load):
     plain = llm.generate("The quick", max_new_tokens=30, temperature=0).token_ids
     penalized = llm.generate("The quick", max_new_tokens=30, temperature=0, frequency_penalty=2.0).token_ids
     assert max(plain.count(t) for t in plain) > max(penalized.count(t) for t in penalized)
+
+
+def test_min_p_of_one_keeps_every_token_tied_at_the_top():
+    logits = torch.tensor([[0.0, 0.0, -1.0, 0.0]])
+    kept = torch.isfinite(min_p(logits, 1.0))
+    assert kept.tolist() == [[True, True, False, True]]
+    SamplingParams(min_p=1.0).validate()  # 1 is allowed
+
+
+def test_min_p_can_leave_a_single_token():
+    assert torch.isfinite(min_p(torch.tensor([[0.0, 10.0, -10.0]]), 0.5)).tolist() == [[False, True, False]]
+
+
+def test_top_p_drops_a_tail_whose_mass_equals_one_minus_p():
+    """Four equal tokens, p = 0.75: the least likely quarter goes (transformers drops mass <= 1 - p)."""
+    assert int(torch.isfinite(top_p(torch.zeros(1, 4), 0.75)).sum()) == 3
+
+
+def test_top_k_of_one_always_draws_the_best_token():
+    logits = torch.zeros(1, 50)
+    logits[0, 3] = 0.1  # barely the best: without top-k almost every draw would be another token
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=0))
+    assert {sampler(logits, None) for _ in range(20)} == {3}
+
+
+def test_unseeded_samplers_draw_different_seeds():
+    seeds = {Sampler(SamplingParams(temperature=1.0)).generator.initial_seed() for _ in range(50)}
+    assert len(seeds) == 50
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("temperature", -0.5), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.5), ("min_p", -0.1),
+    ("repetition_penalty", 0.0), ("presence_penalty", -2.5), ("frequency_penalty", 2.5),
+])
+def test_each_invalid_setting_is_named_in_its_error(setting, value):
+    with pytest.raises(MinillmError, match=f"invalid sampling setting: {setting} must be .*got {value}"):
+        SamplingParams(**{setting: value}).validate()
+
+
+def test_penalties_accept_the_ends_of_openais_range():
+    for value in (-2.0, 2.0):
+        SamplingParams(presence_penalty=value, frequency_penalty=value).validate()

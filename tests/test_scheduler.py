@@ -126,13 +126,92 @@ def broken(load, how):
         b.num_allocated = 1
     elif how == "waiting with a node":
         b.node = a.node
+    elif how == "a lock nobody holds":
+        a.node.lock_ref += 1
     return s
 
 
 @pytest.mark.parametrize("how", ["slot 0 handed out", "slot outside the pool", "two owners", "leaked",
                                  "more allocated than tokens", "computed beyond allocated",
-                                 "cached prefix not the tree's", "waiting with slots", "waiting with a node"])
+                                 "cached prefix not the tree's", "waiting with slots", "waiting with a node",
+                                 "a lock nobody holds"])
 def test_check_invariants_catches_each_broken_account(load, how):
     """The batching tests lean on check_invariants after every step, so each of its checks is shown to fire."""
     with pytest.raises(AssertionError):
         broken(load, how).check_invariants()
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact", "no cache"])
+def test_what_a_finished_request_leaves_in_the_tree(load, checkpoint, mode):
+    """Fast mode keeps prompt and generated tokens (a chat's next turn reuses both); exact mode only the
+    prompt (only prefill-shaped KV is reusable bit for bit); without the prefix cache, nothing."""
+    from minillm import LLM
+
+    llm = LLM.load(checkpoint("llama"), exact=True) if mode == "exact" else load("llama")
+    llm.configure(prefix_cache=mode != "no cache")
+    llm.defaults.eos_token_ids = []
+    prompt = list(range(2, 40))
+    out = llm.generate(prompt, max_new_tokens=5, temperature=0)
+    held = {"fast": len(prompt) + len(out.token_ids) - 1, "exact": len(prompt), "no cache": 0}[mode]
+    assert llm.prefix_cache.total_tokens == held
+
+
+def test_a_prompt_is_handed_to_the_tree_once(load):
+    llm = load("llama")
+    llm.defaults.eos_token_ids = []
+    s = llm.engine.scheduler
+    handed, original = [], s.cache_prompt
+    s.cache_prompt = lambda r: (handed.append(r.id), original(r))
+    out = llm.generate(list(range(2, 30)), max_new_tokens=6, temperature=0)
+    assert len(handed) == 1 and len(out.token_ids) == 6
+
+
+@pytest.mark.parametrize("rest, shared, waits", [
+    (11, 11, True),   # everything r still has to compute is being prefilled by another request
+    (11, 10, False),  # all but one token of it: r goes ahead (fewer than its rest and than 32)
+    (1, 1, True),     # one token to compute, and it is being prefilled
+    (40, 32, True),   # 32 shared tokens are worth a wait even when more remain
+    (40, 31, False),
+])
+def test_a_request_waits_for_a_prefill_that_will_cache_what_it_needs(load, rest, shared, waits):
+    """r (nothing cached) versus x, a running request still prefilling a prompt that shares `shared` tokens
+    with r's own `rest` tokens to compute."""
+    llm = load("llama")
+    s = make_scheduler(llm, max_prefill_tokens=4)
+    base = list(range(2, 80))
+    (x,) = [llm.request(base, max_new_tokens=2)]
+    s.add(x)
+    s.schedule()  # x admitted, 4 of its tokens prefilled at most: still in prefill
+    r = llm.request(base[:shared] + [299] * (rest - shared) + [5], max_new_tokens=2)
+    assert s._would_share_with_prefill(r, 0) is waits
+
+
+def test_the_wait_counts_from_what_the_tree_already_holds(load):
+    llm = load("llama")
+    s = make_scheduler(llm, max_prefill_tokens=4)
+    base = list(range(2, 80))
+    s.tree.insert(base[:20], s.pool.alloc(20))  # 20 tokens cached
+    x = llm.request(base, max_new_tokens=2)
+    s.add(x)
+    s.schedule()
+    r = llm.request(base[:30] + [5], max_new_tokens=2)  # 10 tokens left to compute, all being prefilled by x
+    assert s._would_share_with_prefill(r, 20)
+    assert not s._would_share_with_prefill(llm.request(base[:29] + [299, 5], max_new_tokens=2), 20)
+
+
+def test_locks_follow_the_request_from_its_cached_prefix_to_its_whole_prompt(load):
+    llm = load("llama")
+    s = make_scheduler(llm)
+    base = list(range(2, 40))
+    s.tree.insert(base[:10], s.pool.alloc(10))
+    r = llm.request(base[:20], max_new_tokens=2)
+    s.add(r)
+    s.schedule()
+    assert r.num_cached == 10 and s.tree.protected_tokens == 10
+    r.num_computed = 20
+    s.cache_prompt(r)  # the lock moves from the 10 cached tokens to the whole 20-token prompt
+    s.check_invariants()
+    assert s.tree.protected_tokens == 20
+    s.release(r)
+    s.check_invariants()
+    assert s.tree.protected_tokens == 0

@@ -15,6 +15,7 @@ about an hour on two cores and stays out of CI. Usage:
     python tools/mutation.py                      # every core module, writes bench/mutation.json
     python tools/mutation.py radix_cache sampling # some modules (merged into bench/mutation.json)
     python tools/mutation.py --survivors          # after a run: each surviving mutant's diff
+    python tools/mutation.py --rescore            # after adding lines to tests/equivalent_mutants.txt
 """
 
 import argparse
@@ -97,21 +98,36 @@ def run_module(workdir: Path, module: str, jobs: int) -> dict:
     return {"statuses": statuses, "seconds": round(seconds, 1)}
 
 
-def summarize(module: str, statuses: dict[str, str], equivalent: dict[str, str]) -> dict:
-    killed = sum(s in STATUS_KILLED for s in statuses.values())
-    escaped = sorted(n for n, s in statuses.items() if s not in STATUS_KILLED)
+def summarize(module: str, mutants: int, escaped: list[str], stale: list[str], equivalent: dict[str, str]) -> dict:
+    """escaped: the mutants the tests did not kill; stale: listed as equivalent, yet killed."""
     marked = [n for n in escaped if n in equivalent]
-    missed = [n for n in escaped if n not in equivalent]
-    stale = [n for n in equivalent if n.startswith(f"minillm.{module}.") and statuses.get(n) in STATUS_KILLED]
-    scored = len(statuses) - len(marked)
+    scored = mutants - len(marked)
+    killed = mutants - len(escaped)
     return {
-        "mutants": len(statuses),
+        "mutants": mutants,
         "killed": killed,
         "equivalent": len(marked),
-        "survived": missed,
+        "survived": [n for n in escaped if n not in equivalent],
+        "escaped": escaped,
         "score": round(killed / scored, 4) if scored else 1.0,
         "killed_but_listed_equivalent": stale,
     }
+
+
+def rescore(module: str, entry: dict, equivalent: dict[str, str]) -> dict:
+    """Score a recorded run again against the current equivalent list (after reading its survivors)."""
+    escaped = entry.get("escaped")
+    if escaped is None:  # recorded before "escaped" was: survivors plus the ones then listed (and not killed)
+        listed = [n for n in equivalent if n.startswith(f"minillm.{module}.") and n not in entry["killed_but_listed_equivalent"]]
+        escaped = sorted(set(entry["survived"]) | set(listed))
+    scored = ("mutants", "killed", "equivalent", "survived", "escaped", "score", "killed_but_listed_equivalent")
+    kept = {k: v for k, v in entry.items() if k not in scored}  # seconds, tests, notes
+    return summarize(module, entry["mutants"], escaped, entry["killed_but_listed_equivalent"], equivalent) | kept
+
+
+def print_row(module: str, r: dict) -> None:
+    print(f"{module:14s} {r['killed']:4d}/{r['mutants'] - r['equivalent']:4d} killed ({r['equivalent']} equivalent)  "
+          f"score {r['score']:.1%}  survived {len(r['survived'])}  {r.get('seconds') or 0:.0f} s", flush=True)
 
 
 def main():
@@ -121,6 +137,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--out", default=str(ROOT / "bench" / "mutation.json"))
     parser.add_argument("--survivors", action="store_true", help="print the diff of each surviving mutant of the last run")
+    parser.add_argument("--rescore", action="store_true",
+                        help="no run: score the recorded runs again against tests/equivalent_mutants.txt")
     args = parser.parse_args()
     modules = args.modules or list(MODULE_TESTS)
     unknown = [m for m in modules if m not in MODULE_TESTS]
@@ -139,13 +157,20 @@ def main():
                 print(diff.stdout)
         return
 
-    for module in modules:
+    for module in [] if args.rescore else modules:
         result = run_module(workdir, module, args.jobs)
-        report[module] = summarize(module, result["statuses"], equivalent) | {"seconds": result["seconds"], "tests": MODULE_TESTS[module]}
+        statuses = result["statuses"]
+        escaped = sorted(n for n, s in statuses.items() if s not in STATUS_KILLED)
+        stale = [n for n in equivalent if n.startswith(f"minillm.{module}.") and statuses.get(n) in STATUS_KILLED]
+        report[module] = summarize(module, len(statuses), escaped, stale, equivalent) | {
+            "seconds": result["seconds"], "tests": MODULE_TESTS[module]}
         out.write_text(json.dumps(report, indent=1) + "\n")
-        r = report[module]
-        print(f"{module:14s} {r['killed']:4d}/{r['mutants'] - r['equivalent']:4d} killed ({r['equivalent']} equivalent)  "
-              f"score {r['score']:.1%}  survived {len(r['survived'])}  {r['seconds']:.0f} s", flush=True)
+        print_row(module, report[module])
+    if args.rescore:
+        report = {m: rescore(m, entry, equivalent) for m, entry in report.items()}
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        for m, entry in report.items():
+            print_row(m, entry)
     total = [report[m] for m in MODULE_TESTS if m in report]
     killed = sum(r["killed"] for r in total)
     scored = sum(r["mutants"] - r["equivalent"] for r in total)
