@@ -13,8 +13,8 @@ so a key names a whole prefix, shared prefixes share pages, and a lookup compute
 one is missing. A partial last page is not stored (at most page - 1 tokens to recompute).
 
 The fingerprint hashes everything KV depends on: the weights (each safetensors file's header, size and
-64 samples of its data), config.json, dtype, exact mode, prepacked weights, the torch version and the page size. Each fingerprint
-gets its own directory; files of another fingerprint are never read.
+64 samples of its data), config.json, dtype, exact mode, prepacked weights, the torch version and the
+page size. Each fingerprint gets its own directory; files of another fingerprint are never read.
 
 Safety rules:
 - A file is written to a temporary name and renamed into place (atomic), so no reader sees half a file.
@@ -45,13 +45,11 @@ FORMAT = "minillm-kv-1"
 DEFAULT_PAGE = 64
 DEFAULT_BUDGET_MB = 4096
 ENV_DIR = "MINILLM_CACHE_DIR"
+SAMPLES, SAMPLE_BYTES = 64, 4096  # of each weights file, hashed with its header
 
 
 def warn(message: str) -> None:
     print(f"minillm: disk cache: {message}", file=sys.stderr, flush=True)
-
-
-SAMPLES, SAMPLE_BYTES = 64, 4096  # of each weights file, hashed with its header
 
 
 def weights_digest(path: Path) -> str:
