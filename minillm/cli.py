@@ -27,6 +27,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep weights in their checkpoint layout (plain F.linear: slower on CPU, bitwise transformers' fp32 results)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization at load: int8 per output channel, int4 per group of input channels")
+    parser.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale and zero (default 32)")
     parser.add_argument("--cache-dir", help="keep the prefix cache's KV on disk here, for later runs (default: $MINILLM_CACHE_DIR; none if unset)")
     parser.add_argument("--disk-cache-mb", type=float, default=4096,
                         help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)")
@@ -91,7 +94,8 @@ def load_llm(args):
     from .llm import LLM
 
     return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
-                    prepack=False if args.no_prepack else None, kv_mb=args.kv_mb, max_batch=args.max_batch,
+                    prepack=False if args.no_prepack else None, quantize=args.quantize, group_size=args.group_size,
+                    kv_mb=args.kv_mb, max_batch=args.max_batch,
                     schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache, cache_dir=args.cache_dir,
                     disk_cache_mb=args.disk_cache_mb)
 

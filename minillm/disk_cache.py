@@ -13,8 +13,8 @@ so a key names a whole prefix, shared prefixes share pages, and a lookup compute
 one is missing. A partial last page is not stored (at most page - 1 tokens to recompute).
 
 The fingerprint hashes everything KV depends on: the weights (each safetensors file's header, size and
-64 samples of its data), config.json, dtype, exact mode, prepacked weights, the torch version and the
-page size. Each fingerprint gets its own directory; files of another fingerprint are never read.
+64 samples of its data), config.json, dtype, exact mode, the weights' form (plain, prepacked or
+quantized), the torch version and the page size. Each fingerprint gets its own directory; files of another fingerprint are never read.
 
 Safety rules:
 - A file is written to a temporary name and renamed into place (atomic), so no reader sees half a file.
@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT = "minillm-kv-1"
+FORMAT = "minillm-kv-2"
 DEFAULT_PAGE = 64
 DEFAULT_BUDGET_MB = 4096
 ENV_DIR = "MINILLM_CACHE_DIR"
@@ -67,12 +67,12 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_dir: Path, dtype: torch.dtype, exact: bool, prepacked: bool, page: int) -> dict:
+def fingerprint(model_dir: Path, dtype: torch.dtype, exact: bool, weight_form: str, page: int) -> dict:
     """What the KV depends on, and its hash (`id`)."""
     weights = [[path.name, weights_digest(path)] for path in sorted(model_dir.glob("*.safetensors"))]
     config = (model_dir / "config.json").read_bytes()
     facts = {"format": FORMAT, "model": str(model_dir), "weights": weights, "config": hashlib.sha256(config).hexdigest(),
-             "dtype": str(dtype), "exact": exact, "prepacked": prepacked, "torch": torch.__version__, "page": page}
+             "dtype": str(dtype), "exact": exact, "weight_form": weight_form, "torch": torch.__version__, "page": page}
     hashed = {k: v for k, v in facts.items() if k != "model"}  # the same files elsewhere give the same KV
     facts["id"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:32]
     return facts

@@ -23,6 +23,7 @@ import torch
 from . import disk_cache
 from . import exact as exact_mode
 from . import prepack as packing
+from . import quantize as quantization
 from .config import DTYPES, ModelConfig, load_config, read_json
 from .engine import Engine
 from .errors import MinillmError
@@ -80,9 +81,10 @@ class GenerationDefaults:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, model_dir: Path | None = None, prepacked: bool = False, **engine_options):
+                 exact: bool = False, model_dir: Path | None = None, weight_form: str = "plain", **engine_options):
         self.model = model
-        self.model_dir, self.prepacked = model_dir, prepacked  # what the disk tier's fingerprint hashes
+        # what the disk tier's fingerprint hashes; weight_form: "plain", "prepacked", "int8" or "int4-g<group size>"
+        self.model_dir, self.weight_form = model_dir, weight_form
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -93,12 +95,15 @@ class LLM:
 
     @classmethod
     def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
-             exact: bool = False, prepack: bool | None = None, **engine_options) -> "LLM":
+             exact: bool = False, prepack: bool | None = None, quantize: str | None = None,
+             group_size: int = quantization.DEFAULT_GROUP_SIZE, **engine_options) -> "LLM":
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
         keeps the checkpoint's own; "float32", "bfloat16" or "float16" converts the weights as they load.
         exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
         wherever available, i.e. on CPU in float32/bfloat16); False keeps plain F.linear, whose float32
-        results are bitwise transformers'. engine_options: see configure()."""
+        results are bitwise transformers'. quantize: "int8" or "int4" quantizes the weight matrices as they
+        load (quantize.py; int4 in groups of group_size input channels); activations stay in dtype.
+        engine_options: see configure()."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -106,10 +111,14 @@ class LLM:
         folder = bundled_model() if model is None else resolve_model_dir(str(model))
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
-        network = load_model(folder, config, dtype, device, prepack)
-        if prepack is None:
-            prepack = packing.available(network.model.embed_tokens.weight.dtype, device)
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder, prepack,
+        network = load_model(folder, config, dtype, device, prepack, quantize, group_size)
+        if quantize is not None:
+            weight_form = quantize if quantize == "int8" else f"int4-g{group_size}"
+        elif prepack or (prepack is None and packing.available(network.model.embed_tokens.weight.dtype, device)):
+            weight_form = "prepacked"
+        else:
+            weight_form = "plain"
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder, weight_form,
                    **engine_options)
 
     def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
@@ -148,7 +157,7 @@ class LLM:
         disk = None
         if cache_dir and self.model_dir is not None and prefix_cache and not dynamic:
             page = exact_chunk if self.exact else disk_cache.DEFAULT_PAGE
-            facts = disk_cache.fingerprint(self.model_dir, self.dtype, self.exact, self.prepacked, page)
+            facts = disk_cache.fingerprint(self.model_dir, self.dtype, self.exact, self.weight_form, page)
             disk = disk_cache.DiskCache(Path(cache_dir), facts, int(disk_cache_mb * 2**20), page)
             if not hasattr(self, "_close_at_exit"):  # once per LLM, without keeping it alive
                 ref = weakref.ref(self)
@@ -201,7 +210,7 @@ class LLM:
 
     def request(self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
                 use_prefix_cache: bool = True, return_logits: bool = False, logprobs: int | None = None,
-                **sampling_options) -> Request:
+                ignore_eos: bool = False, **sampling_options) -> Request:
         """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
         names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed")
@@ -219,10 +228,11 @@ class LLM:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise MinillmError(f"logprobs must be between 0 and 20 (alternatives per token), got {logprobs}")
         ids = self.prompt_ids(prompt)
+        eos_ids = set() if ignore_eos else set(self.defaults.eos_token_ids)
         return Request(
             ids, sampler, StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
             StreamDecoder(self.tokenizer), min(max_new_tokens, self.config.context_length - len(ids)),
-            set(self.defaults.eos_token_ids), use_prefix_cache, return_logits, logprobs, self.config.vocab_size,
+            eos_ids, use_prefix_cache, return_logits, logprobs, self.config.vocab_size,
         )
 
     def submit(self, prompt: str | list[int], **options) -> RequestHandle:
@@ -234,8 +244,9 @@ class LLM:
         max_batch at a time). Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
         presence_penalty, frequency_penalty, seed, stop (a string or list of strings), use_prefix_cache
         (default True), return_logits (keep each step's raw logits in Completion.logits), logprobs (record
-        each token's logprob and this many alternatives in Completion.logprobs). Unset options take the checkpoint's generation_config.json
-        defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
+        each token's logprob and this many alternatives in Completion.logprobs), ignore_eos (go on past
+        end-of-sequence tokens, to max_new_tokens or a stop string: what benchmarks use). Unset options take
+        the checkpoint's generation_config.json defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             requests = [self.request(p, **options) for p in prompt]  # all checked before any runs
             return [h.result() for h in [self.engine.submit(r) for r in requests]]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import prepack as packing
+from . import quantize as quantization
 from .config import ModelConfig
 from .errors import MinillmError
 from .model import CausalLM
@@ -91,10 +92,12 @@ def read_tensors(files: list[SafetensorsFile], names: dict[Path, list[str] | Non
 
 
 def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu",
-               prepack: bool | None = None) -> CausalLM:
+               prepack: bool | None = None, quantize: str | None = None,
+               group_size: int = quantization.DEFAULT_GROUP_SIZE) -> CausalLM:
     """Build the model without allocating weights (meta device), then install the checkpoint's tensors.
 
-    prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available."""
+    prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available.
+    quantize: "int8" or "int4" replaces the matrices by quantized ones instead (quantize.py)."""
     names = _weight_files(folder)
     files = [SafetensorsFile(path) for path in names]
     tensors = read_tensors(files, names)
@@ -126,13 +129,19 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise MinillmError(f"tensor {name} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}")
+    if quantize is not None:
+        if prepack:
+            raise MinillmError("quantized weights use their own kernels, not prepacked ones; drop prepack")
+        quantization.check(quantize, group_size, model, dtype, device)
+        prepack = False
     if prepack is None:
         prepack = packing.available(dtype, device)
     if prepack and not packing.available(dtype, device):
         raise MinillmError(f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})")
-    # Matrices about to be packed stay as stored: packing converts them one at a time, so a dtype change
-    # never holds a converted copy of every weight at once.
-    as_stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if prepack else set()
+    # Matrices about to be packed or quantized stay as stored: that converts them one at a time, so a dtype
+    # change never holds a converted copy of every weight at once.
+    replaced = prepack or quantize is not None
+    as_stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if replaced else set()
     state = {}
     for name, t in tensors.items():
         state[name] = t if name in as_stored else t.to(device=device, dtype=dtype)
@@ -146,4 +155,6 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
     if prepack:
         packing.prepack_linears(model, dtype, release)
+    if quantize is not None:
+        quantization.quantize_linears(model, quantize, dtype, group_size, release)
     return model.eval()

@@ -50,7 +50,7 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k (over head_dim) before RoPE, which keeps attention logits tame.
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.qkv_proj = None  # prepack.py may replace q/k/v_proj by one stacked matrix: one product, not three
+        self.qkv_proj = None  # prepack.py / quantize.py may stack q/k/v_proj into one matrix: one product, not three
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, layer: int, window: int | None):
         """x [N, hidden]: the rows of this forward (of one or many sequences). kv stores the new keys/values
@@ -104,7 +104,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.gate_up_proj = None  # prepack.py may stack gate_proj and up_proj into one matrix
+        self.gate_up_proj = None  # prepack.py / quantize.py may stack gate_proj and up_proj into one matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

@@ -15,7 +15,8 @@ from .request import Completion, TokenLogprob
 # Fields that change nothing about the result; accepted and not used.
 IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls"}
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-          "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream", "logprobs"}
+          "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream", "logprobs",
+          "ignore_eos"}
 FIELDS = {
     "completions": COMMON | {"prompt", "echo", "suffix", "best_of"},
     "chat": COMMON | {"messages", "top_logprobs"},
@@ -80,6 +81,11 @@ def parse(body, endpoint: str, model_name: str) -> dict:
             raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
         options["stop"] = stop
     options["logprobs"] = _logprobs(body, endpoint)
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's, SGLang's and llama-server's extension
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
+    if ignore_eos:
+        options["ignore_eos"] = True
     n = _number(body, "n", int, 1, MAX_N) or 1
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

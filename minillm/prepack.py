@@ -69,28 +69,36 @@ class PackedLinear(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
-def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
-    """Replace the model's nn.Linear modules by PackedLinear ones, in place, handing each old weight to
-    release once packed. Attention's q, k, v and the MLP's gate, up become one stacked matrix each.
+def replace_linears(model: CausalLM, build: Callable[..., nn.Module],
+                    release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+    """Replace the model's nn.Linear modules by build(*linears), in place, handing each old weight to
+    release once replaced. Attention's q, k, v and the MLP's gate, up become one stacked matrix each.
+    (Prepacking here and quantize.py both use it.)
 
-    The largest matrix (lm_head, vocab x hidden) goes first: while it is being packed both its layouts are
-    resident, and nothing else has been packed yet, so peak memory stays near one copy of the weights (as
-    long as lm_head is under half of them, as in real models)."""
-    c = model.config
-    stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
-    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)
+    The largest matrix (lm_head, vocab x hidden) goes first: while it is being converted both its forms are
+    resident, and nothing else has been converted yet, so peak memory stays near one copy of the weights
+    (as long as lm_head is under half of them, as in real models)."""
 
-    def pack(owner: nn.Module, target: str, parts: list[str]) -> None:
+    def swap(owner: nn.Module, target: str, parts: list[str]) -> None:
         linears = [getattr(owner, part) for part in parts]
-        packed = PackedLinear(*linears, dtype=dtype, scratch=scratch)
+        replacement = build(*linears)
         for part, linear in zip(parts, linears):
             setattr(owner, part, None)
             release(linear.weight)
-        setattr(owner, target, packed)
+        setattr(owner, target, replacement)
 
-    pack(model, "lm_head", ["lm_head"])
+    swap(model, "lm_head", ["lm_head"])
     for layer in model.model.layers:
-        pack(layer.self_attn, "qkv_proj", ["q_proj", "k_proj", "v_proj"])
-        pack(layer.self_attn, "o_proj", ["o_proj"])
-        pack(layer.mlp, "gate_up_proj", ["gate_proj", "up_proj"])
-        pack(layer.mlp, "down_proj", ["down_proj"])
+        swap(layer.self_attn, "qkv_proj", ["q_proj", "k_proj", "v_proj"])
+        swap(layer.self_attn, "o_proj", ["o_proj"])
+        swap(layer.mlp, "gate_up_proj", ["gate_proj", "up_proj"])
+        swap(layer.mlp, "down_proj", ["down_proj"])
+
+
+def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+    """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears), stacking parts in one
+    reusable scratch buffer."""
+    c = model.config
+    stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
+    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)
+    replace_linears(model, lambda *linears: PackedLinear(*linears, dtype=dtype, scratch=scratch), release)

@@ -166,6 +166,11 @@ def test_prompt_forms_stop_n_and_logprobs(server, llm):
                                           temperature=0, logprobs=True, top_logprobs=3)
     assert len(chat.choices[0].logprobs.content) == 3
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+    past_eos = client.completions.create(model="tiny", prompt="The quick", max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert past_eos.choices[0].text == reference(llm, "The quick", max_new_tokens=12, temperature=0,
+                                                 ignore_eos=True).text
+    assert past_eos.usage.completion_tokens == 12
     penalized = client.completions.create(model="tiny", prompt="The quick", max_tokens=12, temperature=0,
                                           frequency_penalty=2.0, presence_penalty=2.0)
     assert penalized.choices[0].text == reference(llm, "The quick", max_new_tokens=12, temperature=0,
@@ -222,6 +227,7 @@ BAD = [
     ("temperature out of range", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("top_p out of range", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("stop wrong type", {"prompt": "x", "stop": 3}, 400, "stop"),
+    ("ignore_eos wrong type", {"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("unknown field", {"prompt": "x", "best_of_luck": 1}, 400, "best_of_luck"),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 400, "model"),
     ("prompt too long", {"prompt": list(range(2, 302)) * 2}, 400, "prompt"),

@@ -80,6 +80,10 @@ def test_eos_list_from_generation_config_ends_generation(checkpoint):
     position = free.token_ids.index(target)
     assert result.token_ids == free.token_ids[: position + 1]
     assert result.finish_reason == "stop"
+    past = llm.generate("The quick", max_new_tokens=30, temperature=0, ignore_eos=True)  # as benchmarks ask
+    llm.defaults.eos_token_ids = []
+    assert past.token_ids == llm.generate("The quick", max_new_tokens=30, temperature=0).token_ids
+    assert len(past.token_ids) == 30 and past.finish_reason == "length"
 
 
 def test_generation_config_supplies_sampling_defaults(checkpoint):

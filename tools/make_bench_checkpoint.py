@@ -5,13 +5,17 @@
 24 layers, hidden 896, 14 query heads over 2 KV heads (head_dim 64), intermediate 4864, vocab 151936,
 tied embeddings, q/k/v biases: the real model's shapes, so a forward pass costs what the real one costs.
 The text it writes is noise; speed is all it is for. The tokenizer is a small byte-level BPE trained on
-this script's own source (the benchmarks feed token ids, so only its presence matters).
+this script's own source (the benchmarks feed token ids, so only its presence matters), or, with
+`--tokenizer DIR`, the tokenizer.json and tokenizer_config.json found there (the serving benchmark sends
+text and chat messages to servers that tokenize it themselves, so it wants a real tokenizer and chat
+template: `--tokenizer ../shared/tokenizers/qwen3`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,7 +49,8 @@ def tensor_shapes(c: dict, layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, seed: int = 0) -> Path:
+def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, seed: int = 0,
+                     tokenizer: Path | None = None) -> Path:
     config = dict(QWEN25_05B)
     if layers is not None:
         config["num_hidden_layers"] = layers
@@ -61,6 +66,11 @@ def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, s
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "do_sample": False}))
+    if tokenizer is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer / name, out / name)
+        return out
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -69,7 +79,6 @@ def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, s
     tok.train_from_iterator([Path(__file__).read_text()], trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "do_sample": False}))
     return out
 
 
@@ -79,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--layers", type=int, help="fewer layers for a quick try (default: 24, the real depth)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, help="copy tokenizer.json and tokenizer_config.json from this folder")
     args = parser.parse_args(argv)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    write_checkpoint(args.out, dtype, args.layers, args.seed)
+    write_checkpoint(args.out, dtype, args.layers, args.seed, args.tokenizer)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,81 @@
+"""tools/bench_serving.py and tools/bench_serving_compare.py run from a fresh clone: against a real minillm
+server on a tiny checkpoint, with tiny sizes (the figures themselves come from the benchmark runs)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_serving  # noqa: E402
+import bench_serving_compare  # noqa: E402
+from test_server import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("bench"), "qwen2", max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    server = Server(folder, "--kv-mb", "4", "--max-batch", "4")
+    yield server
+    assert server.stop() == 0
+
+
+SMALL = ["--groups", "2", "--prompts-per-group", "3", "--prefix-len", "40", "--question-len", "6", "--output-len", "5"]
+
+
+def run(server, folder, tmp_path, *flags) -> list[dict]:
+    out = tmp_path / "runs.json"
+    rc = bench_serving.main(["--base-url", server.url, "--tokenizer", str(folder), *SMALL, "--out", str(out), *flags])
+    assert rc == 0
+    return json.loads(out.read_text())["runs"]
+
+
+def test_shared_prefix_sweep_counts_every_request_and_the_cache_hits(server, folder, tmp_path):
+    runs = run(server, folder, tmp_path, "--workload", "shared-prefix", "--max-concurrency", "1,3",
+               "--plot", str(tmp_path / "sweep.png"))
+    assert [r["max_concurrency"] for r in runs] == [1, 3]
+    for r in runs:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 6 * 5  # ignore_eos
+        assert r["cache_hit_rate"] > 0.3  # 4 of 6 prompts reuse their group's prefix
+        assert r["ttft_ms"]["median"] <= r["e2e_ms"]["median"] and r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"]
+        assert len(r["ttft_samples_ms"]) == 6 and r["tpot_ms"]["mean"] > 0
+        assert r["output_token_throughput"] == pytest.approx(30 / r["duration_s"], rel=0.01)
+    if (tmp_path / "sweep.png").exists():  # matplotlib is an optional extra
+        assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_random_prompts_share_nothing_and_chat_turns_extend_the_conversation(server, folder, tmp_path):
+    (random_run,) = run(server, folder, tmp_path, "--workload", "random", "--max-concurrency", "3")
+    assert random_run["completed"] == 6 and random_run["cache_hit_rate"] < 0.1
+    (chat,) = run(server, folder, tmp_path, "--workload", "chat", "--endpoint", "chat", "--turns", "3",
+                  "--max-concurrency", "2")
+    assert chat["completed"] == 2 * 3 and chat["failed"] == 0
+    assert chat["cache_hit_rate"] > 0.3  # turns 2 and 3 find the earlier turns in the cache
+
+
+def test_a_server_that_is_not_there_is_one_clear_error(folder, tmp_path):
+    with pytest.raises(SystemExit, match="is the server up"):
+        bench_serving.main(["--base-url", "http://127.0.0.1:9", "--tokenizer", str(folder), *SMALL])
+
+
+def test_compare_runs_the_ablation_and_skips_a_missing_llama_server(folder, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    rc = bench_serving_compare.main(["--model", str(folder), "--servers", "lpm,no-cache,llama-server",
+                                     "--workloads", "shared-prefix", "--llama-server", "", "--quick",
+                                     "--kv-mb", "4", "--out", str(out), "--server-log", str(tmp_path / "log")])
+    assert rc == 0
+    assert "llama-server skipped" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    by_label = {r["label"]: r for r in result["runs"]}
+    assert set(by_label) == {"lpm", "no-cache"}
+    assert by_label["lpm"]["cache_hit_rate"] > 0.2 and by_label["no-cache"]["cache_hit_rate"] == 0
+    assert "shared-prefix: no-cache / lpm" in result["ratios"]

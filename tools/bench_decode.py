@@ -1,0 +1,162 @@
+"""Single-stream speed in every weight mode, side by side with llama.cpp's same modes, in one interleaved run.
+
+    python tools/bench_decode.py --model /tmp/serve-fp32 --gguf-dir /tmp/llama --out bench/decode.json
+
+minillm: float32, bfloat16, int8 and int4 (group 32, bfloat16 activations) loaded from one checkpoint.
+llama.cpp (when its `llama-bench` is found: --llama-bench, $LLAMA_BENCH or PATH): the same weights as
+GGUF files in --gguf-dir, named serve-f32.gguf, serve-bf16.gguf, serve-q8_0.gguf, serve-q4_0.gguf (README
+says how they are made), run with `-t <threads>`. Each round measures every engine once, in a rotated order:
+decode tokens/s over 64 tokens (minillm after a 128-token prompt; llama-bench `-p 0 -n 64` from an empty
+context: in this build any prompt batch on the Q8_0 and Q4_0 files segfaults in its repacked kernels, `-d
+128` included, so minillm decodes at the slightly longer context) and prefill tokens/s of a 512-token
+prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs). Reported: best round per engine, the ratios the issue asks
+for, each minillm mode's share of the bandwidth bound (read bandwidth probed each round / bytes a decode
+step reads), and the load time and resident memory of each minillm mode in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_speed import interleaved, read_bandwidth_gbs  # noqa: E402
+
+from minillm import LLM  # noqa: E402
+from minillm.prepack import PackedLinear  # noqa: E402
+from minillm.quantize import QuantizedLinear  # noqa: E402
+
+MINILLM = {"minillm fp32": ("float32", None), "minillm bf16": ("bfloat16", None),
+           "minillm int8": ("bfloat16", "int8"), "minillm int4": ("bfloat16", "int4")}
+LLAMA = {"llama.cpp f32": "serve-f32.gguf", "llama.cpp bf16": "serve-bf16.gguf",
+         "llama.cpp q8_0": "serve-q8_0.gguf", "llama.cpp q4_0": "serve-q4_0.gguf"}
+PEERS = {"minillm fp32": "llama.cpp f32", "minillm bf16": "llama.cpp bf16", "minillm int8": "llama.cpp q8_0",
+         "minillm int4": "llama.cpp q4_0"}
+
+
+def step_bytes(llm: LLM) -> int:
+    """Bytes one decode step reads: every matrix once (packed or quantized forms included), norms and
+    biases; the embedding table only where it is also the output projection in its own form."""
+    model = llm.model
+    embed = model.model.embed_tokens.weight
+    total = sum(p.nbytes for p in model.parameters() if p is not embed)
+    total += sum(m.weight_bytes for m in model.modules() if isinstance(m, (PackedLinear, QuantizedLinear)))
+    if getattr(model.lm_head, "weight", None) is embed:
+        total += embed.nbytes
+    return total
+
+
+def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
+    """Load time and resident memory of a fresh process that loads the model (VmHWM, as bench_speed)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+            "from pathlib import Path; from minillm import LLM\n"
+            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"
+            f"before = kib('VmHWM:'); t = time.perf_counter(); LLM.load({model!r}, dtype={dtype!r}, quantize={quantize!r})\n"
+            "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, peak, now, seconds = out.stdout.split()
+    return {"load_s": round(float(seconds), 2), "rss_before_load_bytes": int(before) * 1024,
+            "peak_rss_bytes": int(peak) * 1024, "rss_after_load_bytes": int(now) * 1024}
+
+
+def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> float:
+    out = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_decode: llama-bench failed on {gguf}: {out.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder (tools/make_bench_checkpoint.py)")
+    parser.add_argument("--gguf-dir", type=Path, help="folder with the GGUF files named above")
+    parser.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    llms = {}
+    for name, (dtype, quantize) in MINILLM.items():
+        llms[name] = LLM.load(args.model, dtype=dtype, quantize=quantize)
+        llms[name].defaults.eos_token_ids = []
+    peers = {}
+    if args.llama_bench and args.gguf_dir:
+        peers = {name: args.gguf_dir / file for name, file in LLAMA.items() if (args.gguf_dir / file).is_file()}
+    if not peers:
+        print("bench_decode: llama.cpp skipped (no llama-bench or no GGUF files; see README)", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    decode_prompt = torch.randint(1000, 150000, (128,), generator=g).tolist()
+    prefill_prompt = torch.randint(1000, 150000, (512,), generator=g).tolist()
+
+    def decode(name: str) -> float:
+        if name == "read_bandwidth":
+            return read_bandwidth_gbs()
+        if name in peers:
+            return llama_bench(args.llama_bench, peers[name], args.threads, ["-p", "0", "-n", "64"])
+        c = llms[name].generate(decode_prompt, max_new_tokens=64, temperature=0, use_prefix_cache=False)
+        return c.decode_tok_s
+
+    def prefill(name: str) -> float:
+        if name in peers:
+            return llama_bench(args.llama_bench, peers[name], args.threads, ["-p", "512", "-n", "0", "--repack", "0"])
+        c = llms[name].generate(prefill_prompt, max_new_tokens=1, temperature=0, use_prefix_cache=False)
+        return len(prefill_prompt) / c.prefill_s
+
+    engines = list(llms) + list(peers)
+    start = time.perf_counter()
+    decode_runs = interleaved(engines + ["read_bandwidth"], decode, args.repeats)
+    prefill_runs = interleaved(engines, prefill, args.repeats)
+    bandwidths = decode_runs.pop("read_bandwidth")
+    rows = {}
+    for name in engines:
+        row = {"decode_tok_s": round(max(decode_runs[name]), 2), "decode_per_round": [round(v, 2) for v in decode_runs[name]],
+               "prefill_512_tok_s": round(max(prefill_runs[name]), 1),
+               "prefill_per_round": [round(v, 1) for v in prefill_runs[name]]}
+        if name in llms:
+            row["step_bytes"] = step_bytes(llms[name])
+            shares = [t * row["step_bytes"] / (b * 1e9) for t, b in zip(decode_runs[name], bandwidths)]
+            row["share_of_bound"] = round(max(shares), 3)
+        rows[name] = row
+    ratios = {}
+    for ours, peer in PEERS.items():
+        if peer in rows:
+            ratios[f"{ours} / {peer}"] = {
+                "decode": round(rows[ours]["decode_tok_s"] / rows[peer]["decode_tok_s"], 3),
+                "prefill": round(rows[ours]["prefill_512_tok_s"] / rows[peer]["prefill_512_tok_s"], 3)}
+    ratios["minillm int8 / minillm bf16, decode"] = round(rows["minillm int8"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3)
+    ratios["minillm int4 / minillm bf16, decode"] = round(rows["minillm int4"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3)
+    bench_seconds = time.perf_counter() - start
+    llms.clear()
+    for name, (dtype, quantize) in MINILLM.items():
+        figures = load_figures(args.model, dtype, quantize)
+        figures["load_rss_over_step_bytes"] = round(
+            (figures["rss_after_load_bytes"] - figures["rss_before_load_bytes"]) / rows[name]["step_bytes"], 3)
+        rows[name].update(figures)
+    version = None
+    if peers:
+        v = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
+        version = (v.stdout + v.stderr).strip().splitlines()[:1]
+    report = {"machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
+                          "llama.cpp": version}, "model": args.model,
+              "read_bandwidth_GBs": [round(b, 1) for b in bandwidths], "bench_seconds": round(bench_seconds),
+              "rows": rows, "ratios": ratios}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""minillm's server against llama.cpp's llama-server (and against itself, for the ablation), one run.
+
+    python tools/bench_serving_compare.py --model /tmp/serve-bf16 --gguf /tmp/llama/serve-bf16.gguf \\
+        --out bench/serving_bf16.json --plot bench/serving_bf16.png
+    python tools/bench_serving_compare.py --model /tmp/serve-bf16 --servers lpm,fcfs,no-cache,one-at-a-time \\
+        --workloads shared-prefix --out bench/serving_ablation_bf16.json
+
+For each workload, each server in --servers is started on 127.0.0.1, warmed with one request, measured with
+tools/bench_serving.py's client and stopped, so every server begins with an empty cache and runs alone; the
+servers take turns workload by workload, so they meet the same machine state. Servers:
+- lpm: `python -m minillm serve` as shipped (cache-aware longest-prefix-match scheduling, prefix cache on);
+- fcfs: the same with `--schedule fcfs`; no-cache: with `--no-prefix-cache`;
+- one-at-a-time: `--max-batch 1`, minillm as it was before batching (one request runs, the others wait);
+- llama-server: llama.cpp's server on the --gguf file (see README for how to build it and the flags below).
+The peer is skipped with a message when no llama-server binary is found (--llama-server, $LLAMA_SERVER, PATH).
+
+Workload sizes (the issue's targets): shared-prefix 8 groups x 8 prompts, 1,024-token prefix, 64-token
+question; chat 8 conversations x 6 turns of 64-token messages over the chat endpoint; random 32 prompts of
+512-1,024 tokens; 64 output tokens each, 8 in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serving import add_workload_args, benchmark, load_tokenizer, report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILLM = {"lpm": [], "fcfs": ["--schedule", "fcfs"], "no-cache": ["--no-prefix-cache"],
+           "one-at-a-time": ["--max-batch", "1"]}
+WORKLOADS = {  # name: (endpoint, sizes)
+    "shared-prefix": ("completions", dict(groups=8, prompts_per_group=8, prefix_len=1024, question_len=64)),
+    "chat": ("chat", dict(groups=8, question_len=64, turns=6)),
+    "random": ("completions", dict(groups=4, prompts_per_group=8, prefix_len=1024)),
+}
+QUICK = dict(groups=2, prompts_per_group=2, prefix_len=48, question_len=8, turns=2)  # --quick: a smoke run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def llama_server_command(args, port: int) -> list[str]:
+    """The peer's flags: all cores' threads for prompt and decode, one slot per request in flight, each
+    slot its own KV of --slot-context tokens (llama-server's default once -np is given; one unified KV
+    buffer, --kv-unified, measured within 15% of it either way here: see README); continuous batching,
+    the per-slot prompt cache and the RAM prompt cache (8 GiB) are on by default."""
+    return [args.llama_server, "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency),
+            "-c", str(args.concurrency * args.slot_context), "--jinja", "--no-webui"]
+
+
+def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    if name == "llama-server":
+        command = llama_server_command(args, port)
+    else:
+        command = [sys.executable, "-m", "minillm", "serve", "--model", str(args.model), "--port", str(port),
+                   "--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[name]]
+    log.write(f"\n== {' '.join(command)}\n")
+    log.flush()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if healthy(port):
+            return proc, port
+        time.sleep(0.5)
+    stop(proc)
+    raise SystemExit(f"bench_serving_compare: {name} did not come up within 300 s (see {args.server_log})")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def versions(args) -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "",
+           "cores": os.cpu_count()}
+    if args.llama_server:
+        v = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True, timeout=60)
+        out["llama-server"] = (v.stdout + v.stderr).strip().splitlines()[-2:]
+    return out
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_serving_compare: matplotlib is not installed; no chart", file=sys.stderr)
+        return
+    workloads = list(dict.fromkeys(r["workload"] for r in runs))
+    servers = list(dict.fromkeys(r["label"] for r in runs))
+    fig, axes = plt.subplots(1, 1 + len(workloads), figsize=(5 * (1 + len(workloads)), 4.2))
+    width = 0.8 / len(servers)
+    color = {server: f"C{j}" for j, server in enumerate(servers)}  # one colour per server in every panel
+    for j, server in enumerate(servers):
+        heights = [next((r["output_token_throughput"] for r in runs if r["workload"] == w and r["label"] == server), 0)
+                   for w in workloads]
+        axes[0].bar([i + j * width for i in range(len(workloads))], heights, width, label=server, color=color[server])
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
+    axes[0].set(ylabel="output tokens / s", title="throughput")
+    for ax, workload in zip(axes[1:], workloads):
+        for r in sorted((r for r in runs if r["workload"] == workload), key=lambda r: servers.index(r["label"])):
+            s = r["ttft_samples_ms"]
+            ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=r["label"], color=color[r["label"]])
+        ax.set(xlabel="ms", ylabel="fraction of requests", title=f"{workload}: time to first token", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def ratios(runs: list[dict], base: str) -> dict:
+    """Per workload, each other server's figures over `base`'s: throughput and median TTFT."""
+    out = {}
+    for workload in dict.fromkeys(r["workload"] for r in runs):
+        ref = next((r for r in runs if r["workload"] == workload and r["label"] == base), None)
+        if ref is None:
+            continue
+        for r in runs:
+            if r["workload"] == workload and r["label"] != base and r["output_token_throughput"]:
+                out[f"{workload}: {r['label']} / {base}"] = {
+                    "output_throughput": round(r["output_token_throughput"] / ref["output_token_throughput"], 3),
+                    "median_ttft": round(r["ttft_ms"]["median"] / ref["ttft_ms"]["median"], 3),
+                    "cache_hit_rate": [r["cache_hit_rate"], ref["cache_hit_rate"]]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the checkpoint folder minillm serves")
+    parser.add_argument("--gguf", type=Path, help="the same weights as GGUF, for llama-server")
+    parser.add_argument("--servers", default="lpm,llama-server", help="comma list of: "
+                        + ", ".join([*MINILLM, "llama-server"]) + " (default lpm,llama-server)")
+    parser.add_argument("--workloads", default="shared-prefix,chat,random", help="comma list of: " + ", ".join(WORKLOADS))
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (and llama-server slots)")
+    parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server threads")
+    parser.add_argument("--slot-context", type=int, default=4096, help="llama-server context per slot")
+    parser.add_argument("--kv-mb", type=float, default=1024, help="minillm's KV pool")
+    parser.add_argument("--max-batch", type=int, default=16, help="minillm's batch cap (one-at-a-time sets 1)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--server-log", type=Path, default=Path("/tmp/bench_serving_servers.log"))
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--deadline", type=float, default=1800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (tests use it)")
+    args = parser.parse_args(argv)
+    servers = args.servers.split(",")
+    unknown = [s for s in servers if s not in MINILLM and s != "llama-server"]
+    if unknown or any(w not in WORKLOADS for w in args.workloads.split(",")):
+        parser.error(f"unknown server or workload: {unknown or args.workloads}")
+    if "llama-server" in servers and not (args.llama_server and args.gguf and args.gguf.is_file()):
+        print("bench_serving_compare: llama-server skipped: no binary (--llama-server, $LLAMA_SERVER or PATH) "
+              "or no --gguf file; README's 'Serving benchmark' says how to build and convert", file=sys.stderr)
+        servers.remove("llama-server")
+        args.llama_server = None
+    tokenizer = load_tokenizer(args.model)
+    runs = []
+    with open(args.server_log, "w") as log:
+        for i, workload in enumerate(args.workloads.split(",")):
+            endpoint, sizes = WORKLOADS[workload]
+            sizes = {**sizes, **QUICK} if args.quick else sizes
+            order = servers if i % 2 == 0 else servers[::-1]  # alternate who goes first
+            for name in order:
+                proc, port = start(name, args, log)
+                try:
+                    settings = argparse.Namespace(**{
+                        **vars(add_defaults()), **sizes, "base_url": f"http://127.0.0.1:{port}", "endpoint": endpoint,
+                        "output_len": 4 if args.quick else args.output_len, "timeout": args.timeout,
+                        "deadline": args.deadline, "request_rate": float("inf"), "model_name": None})
+                    run = benchmark(settings, tokenizer, workload, args.concurrency, args.seed + i)
+                finally:
+                    stop(proc)
+                run["label"] = name
+                run["sizes"] = sizes
+                print(report(run, f"{name:>14} "), file=sys.stderr, flush=True)
+                runs.append(run)
+    result = {"model": str(args.model), "gguf": str(args.gguf) if args.gguf else None, "versions": versions(args),
+              "llama_server_flags": llama_server_command(args, 0)[3:] if "llama-server" in servers else None,
+              "minillm_flags": {s: ["--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[s]]
+                                for s in servers if s in MINILLM},
+              "concurrency": args.concurrency, "output_len": args.output_len,
+              "ratios": ratios(runs, "llama-server" if "llama-server" in servers else servers[0]), "runs": runs}
+    print(json.dumps(result["ratios"], indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(runs, args.plot, f"{args.model.name}: {', '.join(servers)} at concurrency {args.concurrency}")
+    return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+def add_defaults() -> argparse.Namespace:
+    """bench_serving's workload defaults, as its parser would set them."""
+    parser = argparse.ArgumentParser()
+    add_workload_args(parser)
+    return parser.parse_args(["--tokenizer", "."])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
