@@ -22,19 +22,18 @@ question; chat 8 conversations x 6 turns of 64-token messages over the chat endp
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_http import free_port, healthy  # noqa: E402
 from bench_serving import add_workload_args, benchmark, load_tokenizer, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,23 +45,6 @@ WORKLOADS = {  # name: (endpoint, sizes)
     "random": ("completions", dict(groups=4, prompts_per_group=8, prefix_len=1024)),
 }
 QUICK = dict(groups=2, prompts_per_group=2, prefix_len=48, question_len=8, turns=2)  # --quick: a smoke run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", "/health")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
 
 
 def llama_server_command(args, port: int) -> list[str]:
