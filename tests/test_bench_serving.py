@@ -53,9 +53,11 @@ def test_shared_prefix_sweep_counts_every_request_and_the_cache_hits(server, fol
         assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
-def test_random_prompts_share_nothing_and_chat_turns_extend_the_conversation(server, folder, tmp_path):
+def test_random_rag_and_chat_workloads(server, folder, tmp_path):
     (random_run,) = run(server, folder, tmp_path, "--workload", "random", "--max-concurrency", "3")
     assert random_run["completed"] == 6 and random_run["cache_hit_rate"] < 0.1
+    (rag,) = run(server, folder, tmp_path, "--workload", "rag", "--max-concurrency", "3")
+    assert rag["completed"] == 6 and rag["cache_hit_rate"] > 0.3  # a document's later questions reuse it
     (chat,) = run(server, folder, tmp_path, "--workload", "chat", "--endpoint", "chat", "--turns", "3",
                   "--max-concurrency", "2")
     assert chat["completed"] == 2 * 3 and chat["failed"] == 0
