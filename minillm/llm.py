@@ -22,7 +22,6 @@ import torch
 
 from . import disk_cache
 from . import exact as exact_mode
-from . import prepack as packing
 from . import quantize as quantization
 from .config import DTYPES, ModelConfig, load_config, read_json
 from .engine import Engine
@@ -81,10 +80,11 @@ class GenerationDefaults:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, model_dir: Path | None = None, weight_form: str = "plain", **engine_options):
+                 exact: bool = False, model_dir: Path | None = None, **engine_options):
         self.model = model
-        # what the disk tier's fingerprint hashes; weight_form: "plain", "prepacked", "int8" or "int4-g<group size>"
-        self.model_dir, self.weight_form = model_dir, weight_form
+        # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "int8", "int4-g32")
+        # is what the loader made of the matrices
+        self.model_dir, self.weight_form = model_dir, getattr(model, "weight_form", "plain")
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -112,13 +112,7 @@ class LLM:
         config = load_config(folder)
         tokenizer = Tokenizer(folder)
         network = load_model(folder, config, dtype, device, prepack, quantize, group_size)
-        if quantize is not None:
-            weight_form = quantize if quantize == "int8" else f"int4-g{group_size}"
-        elif prepack or (prepack is None and packing.available(network.model.embed_tokens.weight.dtype, device)):
-            weight_form = "prepacked"
-        else:
-            weight_form = "plain"
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder, weight_form,
+        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder,
                    **engine_options)
 
     def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,

@@ -153,8 +153,11 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
+    model.weight_form = "plain"  # what the matrices became: the disk tier keeps KV of each form apart
     if prepack:
         packing.prepack_linears(model, dtype, release)
+        model.weight_form = "prepacked"
     if quantize is not None:
         quantization.quantize_linears(model, quantize, dtype, group_size, release)
+        model.weight_form = quantize if quantize == "int8" else f"int4-g{group_size}"
     return model.eval()
