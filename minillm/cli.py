@@ -30,6 +30,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantization at load: int8 per output channel, int4 per group of input channels")
     parser.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale and zero (default 32)")
+    parser.add_argument("--tp", type=int,
+                        help="tensor parallelism: split the model over this many processes on this machine "
+                             "(under torchrun: its processes, on one machine or several)")
     parser.add_argument("--cache-dir", help="keep the prefix cache's KV on disk here, for later runs (default: $MINILLM_CACHE_DIR; none if unset)")
     parser.add_argument("--disk-cache-mb", type=float, default=4096,
                         help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)")
@@ -95,7 +98,7 @@ def load_llm(args):
 
     return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
                     prepack=False if args.no_prepack else None, quantize=args.quantize, group_size=args.group_size,
-                    kv_mb=args.kv_mb, max_batch=args.max_batch,
+                    tp=args.tp, kv_mb=args.kv_mb, max_batch=args.max_batch,
                     schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache, cache_dir=args.cache_dir,
                     disk_cache_mb=args.disk_cache_mb)
 

@@ -27,12 +27,16 @@ from . import forward_batch
 from .model import CausalLM
 from .request import Request, RequestHandle
 from .scheduler import Scheduler, Work
+from .tensor_parallel import RankFailure
 
 
 class Engine:
     def __init__(self, model: CausalLM, scheduler: Scheduler, exact: bool = False,
-                 exact_chunk: int = exact_mode.DEFAULT_CHUNK, exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS):
+                 exact_chunk: int = exact_mode.DEFAULT_CHUNK, exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS,
+                 leader=None):
+        """leader: under tensor parallelism (ranks.Leader), every forward goes through it to all ranks."""
         self.model = model
+        self.leader = leader
         self.scheduler = scheduler
         self.pool = scheduler.pool
         self.exact, self.exact_chunk, self.exact_decode_rows = exact, exact_chunk, exact_decode_rows
@@ -91,8 +95,9 @@ class Engine:
             tiles = exact_mode.tiles(works, self.exact_chunk, self.exact_decode_rows)
         else:
             tiles = [[(self._segment(w), w if w.sample else None) for w in works]]
+        run_forward = self.leader.run_forward if self.leader is not None else forward_batch.run
         for tile in tiles:
-            logits = iter(forward_batch.run(self.model, self.pool, [segment for segment, _ in tile], views=not self.exact))
+            logits = iter(run_forward(self.model, self.pool, [segment for segment, _ in tile], views=not self.exact))
             for segment, w in tile:
                 row = next(logits) if segment.logit_row is not None else None
                 if w is not None:
@@ -136,8 +141,12 @@ class Engine:
         self._serving = True
         try:
             while not should_stop():
+                if self.leader is not None:
+                    self.leader.check()  # a lost tensor-parallel rank ends serving (RankFailure)
                 try:
                     busy = self.step()
+                except RankFailure:
+                    raise
                 except Exception:  # the requests got the error; keep serving the next ones
                     busy = True
                 if not busy:

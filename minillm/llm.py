@@ -23,6 +23,7 @@ import torch
 from . import disk_cache
 from . import exact as exact_mode
 from . import quantize as quantization
+from . import ranks
 from .config import DTYPES, ModelConfig, load_config, read_json
 from .engine import Engine
 from .errors import MinillmError
@@ -80,8 +81,10 @@ class GenerationDefaults:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, model_dir: Path | None = None, **engine_options):
+                 exact: bool = False, model_dir: Path | None = None, leader: ranks.Leader | None = None,
+                 **engine_options):
         self.model = model
+        self.leader = leader  # under tensor parallelism (ranks.py): sends each forward to the other ranks
         # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "int8", "int4-g32")
         # is what the loader made of the matrices
         self.model_dir, self.weight_form = model_dir, getattr(model, "weight_form", "plain")
@@ -96,13 +99,17 @@ class LLM:
     @classmethod
     def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
              exact: bool = False, prepack: bool | None = None, quantize: str | None = None,
-             group_size: int = quantization.DEFAULT_GROUP_SIZE, **engine_options) -> "LLM":
+             group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: int | None = None, **engine_options) -> "LLM":
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
         keeps the checkpoint's own; "float32", "bfloat16" or "float16" converts the weights as they load.
         exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
         wherever available, i.e. on CPU in float32/bfloat16); False keeps plain F.linear, whose float32
         results are bitwise transformers'. quantize: "int8" or "int4" quantizes the weight matrices as they
         load (quantize.py; int4 in groups of group_size input channels); activations stay in dtype.
+        tp: tensor parallelism over this many ranks (tensor_parallel.py, ranks.py): tp - 1 follower processes
+        start on this machine, and this process's threads are shared out among the ranks. Under torchrun the
+        group is torchrun's (tp may be left out), and on ranks other than 0 load() does not return: the
+        process serves rank 0 and exits when rank 0 closes.
         engine_options: see configure()."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -110,10 +117,23 @@ class LLM:
             dtype = DTYPES[dtype]
         folder = bundled_model() if model is None else resolve_model_dir(str(model))
         config = load_config(folder)
-        tokenizer = Tokenizer(folder)
-        network = load_model(folder, config, dtype, device, prepack, quantize, group_size)
-        return cls(network, tokenizer, GenerationDefaults.from_folder(folder, config), device, exact, folder,
-                   **engine_options)
+        dtype_name = next((name for name, d in DTYPES.items() if d == dtype), None)
+        load_args = dict(folder=str(folder), dtype=dtype_name, device=device, prepack=prepack, quantize=quantize,
+                         group_size=group_size)
+        rank, followers, device = ranks.start(tp, config, device, load_args)
+        try:
+            network = load_model(folder, config, dtype, device, prepack, quantize, group_size, rank)
+            if rank is not None:
+                ranks.loaded()
+        except BaseException:
+            if rank is not None:
+                ranks.abandon(followers)
+            raise
+        if rank is not None and rank.rank > 0:  # a follower under torchrun
+            ranks.follow_and_exit(network, device)
+        leader = ranks.Leader(network, followers) if rank is not None else None
+        return cls(network, Tokenizer(folder), GenerationDefaults.from_folder(folder, config), device, exact, folder,
+                   leader, **engine_options)
 
     def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                   max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, schedule_policy: str = "lpm",
@@ -130,24 +150,30 @@ class LLM:
         that leaves memory (evicted, or at close() / the end of the process) is written there and later
         processes reuse it; disk_cache_mb: its budget, least recently used files removed beyond it."""
         if hasattr(self, "engine"):
-            self.close()  # the old engine's cached KV goes to the disk tier, if there is one
+            self._close_engine()  # the old engine's cached KV goes to the disk tier, if there is one
         if schedule_policy not in POLICIES:
             raise MinillmError(f"unknown schedule policy {schedule_policy!r}; choose one of {', '.join(POLICIES)}")
         for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens),
                             ("exact_chunk", exact_chunk), ("exact_decode_rows", exact_decode_rows)):
             if value < 1:
                 raise MinillmError(f"{name} must be at least 1, got {value}")
-        if kv_tokens is None:
-            kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.config, self.dtype)
+        if kv_tokens is None:  # per rank under tensor parallelism: a rank holds only its kv heads
+            kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.model.rank_config, self.dtype)
         if kv_tokens < 2:
             raise MinillmError(f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb")
         if disk_cache_mb <= 0:
             raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
-        pool = KVPool(self.config, kv_tokens + 1, self.dtype, self.device, poison_freed)
+        if self.leader is not None:
+            pool = self.leader.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
+        else:
+            pool = KVPool(self.config, kv_tokens + 1, self.dtype, self.device, poison_freed)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
         dynamic = self.config.rope.type == "dynamic"
         cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
+        if cache_dir and self.leader is not None:
+            raise MinillmError("the prefix cache's disk tier does not work with tensor parallelism yet "
+                               f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}")
         disk = None
         if cache_dir and self.model_dir is not None and prefix_cache and not dynamic:
             page = exact_chunk if self.exact else disk_cache.DEFAULT_PAGE
@@ -162,13 +188,19 @@ class LLM:
             prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
             cache_decode_kv=not self.exact, chunk_prefill=not dynamic, disk=disk,
         )
-        self.engine = Engine(self.model, scheduler, self.exact, exact_chunk, exact_decode_rows)
+        self.engine = Engine(self.model, scheduler, self.exact, exact_chunk, exact_decode_rows, self.leader)
+
+    def _close_engine(self) -> None:
+        self.engine.stop()
+        self.engine.scheduler.spill_all()
 
     def close(self) -> None:
         """Stop the background engine thread, if any, and write the prefix cache's KV to the disk tier (if
-        there is one; it also runs at the end of the process)."""
-        self.engine.stop()
-        self.engine.scheduler.spill_all()
+        there is one; it also runs at the end of the process). Under tensor parallelism, also stop the other
+        ranks: the LLM cannot generate after that."""
+        self._close_engine()
+        if self.leader is not None:
+            self.leader.close()
 
     @property
     def prefix_cache(self):
@@ -198,6 +230,8 @@ class LLM:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
         ids = torch.tensor(self.prompt_ids(list(token_ids), in_pool=False), device=self.device)
+        if self.leader is not None:
+            return self.leader.logits(ids).float()
         return self.model(ids, torch.arange(len(ids), device=self.device), SequenceKV()).float()
 
     # -- generation -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .config import ModelConfig
 from .errors import MinillmError
 from .model import CausalLM
 from .safetensors_mmap import SafetensorsFile
+from .tensor_parallel import TensorParallel
 
 # What generation needs from a Hub repo: never *.bin, *.pth, or Mistral's duplicate consolidated.safetensors.
 HUB_FILES = [
@@ -93,11 +94,12 @@ def read_tensors(files: list[SafetensorsFile], names: dict[Path, list[str] | Non
 
 def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu",
                prepack: bool | None = None, quantize: str | None = None,
-               group_size: int = quantization.DEFAULT_GROUP_SIZE) -> CausalLM:
+               group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: TensorParallel | None = None) -> CausalLM:
     """Build the model without allocating weights (meta device), then install the checkpoint's tensors.
 
     prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available.
-    quantize: "int8" or "int4" replaces the matrices by quantized ones instead (quantize.py)."""
+    quantize: "int8" or "int4" replaces the matrices by quantized ones instead (quantize.py).
+    tp: this process's rank under tensor parallelism: it installs only its slices (tensor_parallel.py)."""
     names = _weight_files(folder)
     files = [SafetensorsFile(path) for path in names]
     tensors = read_tensors(files, names)
@@ -111,7 +113,7 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
         dtype = config.dtype or (embed.dtype if embed is not None else torch.float32)
     with torch.device("meta"):
         model = CausalLM(config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+    expected = {name: p.shape for name, p in model.named_parameters()}  # the whole model's shapes
     if config.tie_word_embeddings:
         # The output projection is the embedding matrix itself; a separate copy must agree with it.
         head = tensors.pop("lm_head.weight", None)
@@ -129,6 +131,13 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise MinillmError(f"tensor {name} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}")
+    if tp is not None and tp.size > 1:  # this rank's shapes, and its slice of every tensor
+        with torch.device("meta"):
+            model = CausalLM(config, tp)
+        for name, t in list(tensors.items()):
+            tensors[name] = tp.slice(name, t, config)
+            if tensors[name].untyped_storage().data_ptr() != t.untyped_storage().data_ptr():  # a copy: t unused
+                release(t)
     if quantize is not None:
         if prepack:
             raise MinillmError("quantized weights use their own kernels, not prepacked ones; drop prepack")

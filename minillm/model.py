@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
+from .tensor_parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -124,9 +125,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer, self.sliding_window)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv, tp: TensorParallel):
+        # Under tensor parallelism o_proj and down_proj give each rank a partial sum: all_reduce adds them.
+        x = x + tp.all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer, self.sliding_window))
+        return x + tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -171,11 +173,15 @@ class SequenceKV:
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
+        """tp: this process's rank in a tensor-parallel group (tensor_parallel.py): the modules are then built
+        with this rank's share of the heads, MLP units and vocabulary. None: one rank, the whole model."""
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp or TensorParallel(config)
+        self.rank_config = self.tp.rank_config(config)  # == config on one rank
+        self.model = Decoder(self.rank_config)
+        self.lm_head = nn.Linear(config.hidden_size, self.rank_config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv, logit_rows=slice(None)) -> torch.Tensor:
@@ -187,8 +193,8 @@ class CausalLM(nn.Module):
         choose a next token. Skipping the others spares rows of the largest matrix product. Differentiable:
         training calls it too; the engine runs it under torch.inference_mode().
         """
-        x = self.model.embed_tokens(tokens)  # [N, hidden]
+        x = self.tp.embed(self.model.embed_tokens, tokens)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(positions, x.dtype, kv.lengths)  # [N, head_dim]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv)
-        return self.lm_head(self.model.norm(x[logit_rows]))
+            x = layer(x, cos, sin, kv, self.tp)
+        return self.tp.gather_logits(self.lm_head(self.model.norm(x[logit_rows])))

@@ -98,7 +98,7 @@ def replace_linears(model: CausalLM, build: Callable[..., nn.Module],
 def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
     """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears), stacking parts in one
     reusable scratch buffer."""
-    c = model.config
+    c = model.rank_config  # this rank's shapes (the whole model's on one rank)
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
     scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)
     replace_linears(model, lambda *linears: PackedLinear(*linears, dtype=dtype, scratch=scratch), release)

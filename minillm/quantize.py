@@ -115,7 +115,7 @@ def check(mode: str, group_size: int, model: CausalLM, dtype: torch.dtype, devic
     if mode == "int4":
         if group_size not in GROUP_SIZES:
             raise MinillmError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-        c = model.config
+        c = model.rank_config  # this rank's shapes under tensor parallelism
         sizes = {"hidden size": c.hidden_size, "MLP size": c.intermediate_size,
                  "attention output size": c.num_heads * c.head_dim}
         for what, size in sizes.items():

@@ -267,7 +267,11 @@ def serve(args) -> int:
     http_thread = threading.Thread(target=server.run, name="minillm-http")
     started = time.perf_counter()
     http_thread.start()
-    llm.engine.serve(should_stop=lambda: not http_thread.is_alive())
+    try:
+        llm.engine.serve(should_stop=lambda: not http_thread.is_alive())
+    finally:  # the engine failed for good (a tensor-parallel rank was lost): stop the HTTP side too
+        server.should_exit = True
+        http_thread.join()
     llm.close()  # the prefix cache's KV to the disk tier, if there is one
     if not server.started:
         raise MinillmError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another --port")
