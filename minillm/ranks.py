@@ -137,7 +137,7 @@ class Leader:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """LLM.logits on every rank: one forward over ids [N], nothing cached."""
-        return self._run(("logits", ids), lambda: self.model(ids, torch.arange(len(ids), device=ids.device), SequenceKV()))
+        return self._run(("logits", ids.cpu()), lambda: self.model(ids, torch.arange(len(ids), device=ids.device), SequenceKV()))
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S / 2):
@@ -156,6 +156,7 @@ class Leader:
         if self._closed.is_set():
             return
         self._closed.set()
+        atexit.unregister(self.close)
         with self.lock:
             if self.failure is None:
                 try:

@@ -40,9 +40,8 @@ from torch import nn
 from .config import ModelConfig
 from .errors import MinillmError
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split dim 0 of weight and bias
-ROW = ("o_proj", "down_proj")                                     # split dim 1 of weight; bias on rank 0
-VOCAB = ("embed_tokens", "lm_head")                               # split dim 0 (rows of the vocabulary)
+ROW = ("o_proj", "down_proj")         # split along dim 1 (input columns); the bias on rank 0
+VOCAB = ("embed_tokens", "lm_head")   # split along dim 0 (rows of the vocabulary)
 
 
 class RankFailure(MinillmError):
@@ -77,7 +76,7 @@ class TensorParallel:
             return tensor
         module = name.split(".")[-2]
         hd = config.head_dim
-        if module in ("q_proj",):
+        if module == "q_proj":  # column-parallel (q, k, v, gate, up): split along dim 0, weight and bias
             return tensor.narrow(0, self.rank * self.heads * hd, self.heads * hd)
         if module in ("k_proj", "v_proj"):
             return tensor.narrow(0, self.first_kv_head * hd, self.kv_heads * hd)
@@ -123,18 +122,19 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)[:, : self.full_vocab]
 
     def broadcast(self, message=None):
-        """Rank 0 sends message (any picklable object) to every rank; every rank returns it. Two broadcasts:
-        the length, then the bytes."""
+        """Rank 0 sends message (any picklable object, CPU tensors inside) to every rank; every rank returns
+        it. Two broadcasts: the length, then the bytes (on the GPU under NCCL, which moves only GPU tensors)."""
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         if self.rank == 0:
-            data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
-            length = torch.tensor([data.numel()], dtype=torch.int64)
+            data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8).to(device)
+            length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
         else:
-            length = torch.zeros(1, dtype=torch.int64)
+            length = torch.zeros(1, dtype=torch.int64, device=device)
         _collective(dist.broadcast, length, 0)
         if self.rank != 0:
-            data = torch.empty(int(length), dtype=torch.uint8)
+            data = torch.empty(int(length), dtype=torch.uint8, device=device)
         _collective(dist.broadcast, data, 0)
-        return message if self.rank == 0 else pickle.loads(data.numpy().tobytes())
+        return message if self.rank == 0 else pickle.loads(data.cpu().numpy().tobytes())
 
 
 

@@ -241,3 +241,29 @@ def test_the_server_on_two_ranks_answers_as_one_process_and_stops_its_follower(c
     finally:
         assert server.stop() == 0, server.stderr
     assert not Path(f"/proc/{children[0]}").exists()  # told to stop, and waited for
+
+
+def test_quantized_weights_split_too():
+    """Each rank quantizes its own shard. int4's groups run along input channels, and a rank's columns are
+    whole groups, so TP=2 int4 computes what TP=1 int4 does. int8 scales each output row over the rank's
+    columns only (finer than over the whole row): its error from the float weights must stay as small."""
+    ids = list(range(5, 60))
+    exact = LLM.load(None, dtype="float32", prepack=False).logits(ids)
+    for mode in ("int4", "int8"):
+        one = LLM.load(None, dtype="float32", quantize=mode)
+        two = LLM.load(None, dtype="float32", quantize=mode, tp=2)
+        try:
+            a, b = one.logits(ids), two.logits(ids)
+            if mode == "int4":
+                assert (a - b).abs().max() <= 1e-4
+            else:
+                assert (b - exact).abs().max() <= 1.25 * (a - exact).abs().max()
+            assert two.weight_form == one.weight_form
+        finally:
+            two.close()
+
+
+def test_the_cli_refuses_a_split_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "minillm", "generate", "--tp", "3", "hello"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--tp" in out.stderr, out.stderr

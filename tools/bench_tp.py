@@ -7,8 +7,9 @@ Each measurement runs in a fresh process (so resident memory is the configuratio
 configurations alternating for --rounds rounds; reported is each one's best round. Measured: load time;
 prefill tokens/s of one --prompt-tokens prompt; decode tokens/s of one request (--new-tokens after a
 128-token prompt); decode tokens/s of --batch requests at once; per rank, resident memory (VmRSS, of which
-RssAnon and RssFile: mapped checkpoint pages count as file) after generating, less what the process held
-before loading, and the bytes of weights it holds (its shard, packed forms included).
+RssAnon and RssFile: mapped checkpoint pages count as file) after generating, also less what rank 0's
+process held before loading (python, torch and minillm imported: the same in every rank), and the bytes of
+weights it holds (its shard, packed forms included).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def child(args) -> dict:
     ranks = [{"rank": 0, **memory(), "weight_bytes": weight_bytes(llm.model)}]
     for rank, p in enumerate(llm.leader.followers if llm.leader else [], 1):
         ranks.append({"rank": rank, **memory(p.pid)})
-    for r in ranks:
+    for r in ranks:  # every rank's process imported the same python, torch and minillm as rank 0 before loading
         r["rss_less_before_load_bytes"] = r["VmRSS"] - before["VmRSS"]
     llm.close()
     return {"load_s": round(load_s, 2), "prefill_tok_s": round(prefill.prefill_tok_s, 1),
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     one, two = (best[n] for n in names)
     ratios = {key: round(two[key] / one[key], 3) for key in ("prefill_tok_s", "decode_tok_s", "batch_decode_tok_s")}
     ratios["rank_rss_over_tp1_rss"] = [round(r["VmRSS"] / one["ranks"][0]["VmRSS"], 3) for r in two["ranks"]]
+    ratios["rank_loaded_rss_over_tp1"] = [  # what loading and running added, past the imports
+        round(r["rss_less_before_load_bytes"] / one["ranks"][0]["rss_less_before_load_bytes"], 3) for r in two["ranks"]]
     ratios["rank_weights_over_tp1_weights"] = round(two["ranks"][0]["weight_bytes"] / one["ranks"][0]["weight_bytes"], 3)
     import torch
 
