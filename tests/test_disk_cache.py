@@ -50,7 +50,7 @@ def test_a_second_engine_reuses_the_first_ones_kv_from_disk(llm, tmp_path):
     llm.prefix_cache.check_invariants()
 
 
-def test_evicted_kv_comes_back_from_disk_within_one_process(llm, tmp_path):
+def test_evicted_kv_comes_back_from_disk_in_the_same_engine(llm, tmp_path):
     expected = reference(llm, QUESTIONS[0])
     n = len(llm.prompt_ids(QUESTIONS[0]))
     llm.configure(cache_dir=tmp_path, kv_tokens=n + 40, poison_freed=True)  # room for one request at a time

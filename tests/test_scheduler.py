@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minillm.kv_pool import KVPool
-from minillm.scheduler import Scheduler
+from minillm.scheduler import MAX_PASSED_OVER, Scheduler
 
 
 def make_scheduler(llm, slots=200, max_prefill_tokens=10, align=1, policy="fcfs"):
@@ -215,3 +215,133 @@ def test_locks_follow_the_request_from_its_cached_prefix_to_its_whole_prompt(loa
     s.release(r)
     s.check_invariants()
     assert s.tree.protected_tokens == 0
+
+
+def test_ensure_free_evicts_just_the_shortfall_and_nothing_when_it_cannot_succeed(load):
+    llm = load("llama")
+    s = make_scheduler(llm, slots=20)
+    for i in range(10):  # ten one-token prompts cached: ten leaves of one slot each
+        s.pool.free(s.tree.insert([1000 + i], s.pool.alloc(1)))
+    assert s.pool.free_slots == 10 and s.tree.evictable_tokens == 10
+    assert s._ensure_free(13)  # 3 short: three leaves go, seven stay
+    assert s.pool.free_slots == 13 and s.tree.total_tokens == 7
+    assert s._ensure_free(5) and s.tree.total_tokens == 7  # enough free already: nothing goes
+    assert not s._ensure_free(21)  # more than free + evictable: refused, and nothing is evicted in vain
+    assert s.pool.free_slots == 13 and s.tree.total_tokens == 7
+    assert s._ensure_free(20)  # exactly free + evictable: all of it
+    assert s.pool.free_slots == 20 and s.tree.total_tokens == 0
+    s.check_invariants()
+
+
+def test_a_request_that_exactly_fits_the_pool_runs_to_its_length_without_preemption(load):
+    """Prompt P and M new tokens need P + M - 1 slots (the last token is never fed back)."""
+    llm = load("llama", engine=dict(kv_tokens=20 + 12 - 1))
+    c = llm.generate(list(range(2, 22)), max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert len(c.token_ids) == 12 and c.finish_reason == "length" and llm.engine.scheduler.preemptions == 0
+    llm.engine.scheduler.check_invariants()
+
+
+def test_a_lone_request_that_outgrows_the_pool_ends_with_length_not_preemption(load):
+    llm = load("llama", engine=dict(kv_tokens=20 + 12 - 4))
+    c = llm.generate(list(range(2, 22)), max_new_tokens=12, temperature=0, ignore_eos=True)
+    s = llm.engine.scheduler
+    assert c.finish_reason == "length" and len(c.token_ids) == 9 and s.preemptions == 0
+    assert not s.has_work and s.pool.free_slots + s.tree.total_tokens == s.pool.num_slots
+    s.check_invariants()
+
+
+def test_the_newest_running_request_is_the_one_preempted(load, monkeypatch):
+    llm = load("llama", engine=dict(kv_tokens=3 * 20 + 12, max_batch=3))
+    s = llm.engine.scheduler
+    victims = []
+    preempt = s.preempt
+
+    def recording(r):
+        victims.append((r.id, [q.id for q in s.running]))
+        preempt(r)
+
+    monkeypatch.setattr(s, "preempt", recording)
+    prompts = [list(range(2 + 30 * i, 22 + 30 * i)) for i in range(3)]
+    llm.generate(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert victims and any(len(running) == 3 for _, running in victims)
+    assert all(victim == running[-1] for victim, running in victims)
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_admission_order_fcfs_ignores_the_tree_and_aging_goes_first_in_both(load, policy):
+    """c's prefix is cached, d was passed over MAX_PASSED_OVER times: FCFS admits in arrival order after d,
+    LPM takes c before the others (after d)."""
+    llm = load("llama")
+    s = make_scheduler(llm, policy=policy)
+    a, b, c, d = requests(llm, 5, 5, 5, 5)
+    s.pool.free(s.tree.insert(c.tokens[:4], s.pool.alloc(4)))
+    d.passed_over = MAX_PASSED_OVER
+    for r in (a, b, c, d):
+        s.add(r)
+    s.schedule()
+    expected = [d, a, b, c] if policy == "fcfs" else [d, c, a, b]
+    assert [r.id for r in s.running] == [r.id for r in expected]
+    s.check_invariants()
+
+
+def test_a_request_larger_than_the_whole_pool_ends_with_length_and_the_next_one_is_admitted(load):
+    """With nothing running, a request whose tokens (plus one for its next) exceed the pool can never run (a
+    preempted request whose generated tokens grew past it, say): it ends at once, and the queue moves on."""
+    llm = load("llama")
+    s = make_scheduler(llm, slots=10)
+    big, small = requests(llm, 12, 4)
+    s.add(big)
+    s.add(small)
+    assert plan(s) == [(small.id, 0, 4, True)]
+    assert big.finish_reason == "length" and big not in s.waiting and s.running == [small]
+    s.check_invariants()
+
+
+def test_a_request_that_does_not_fit_blocks_those_behind_it_and_counts_who_passed_it(load):
+    """x arrived first but does not fit beside the running request; y, later, has a cached prefix and fits:
+    LPM admits y, stops at x (the small z behind x must not overtake it, or x could wait forever), and x
+    counts one more pass."""
+    llm = load("llama")
+    s = make_scheduler(llm, slots=30, policy="lpm")
+    (running,) = requests(llm, 10, start=300)
+    s.add(running)
+    s.schedule()
+    x, y, z = requests(llm, 18, 4, 2)
+    s.pool.free(s.tree.insert(y.tokens[:3], s.pool.alloc(3)))
+    for r in (x, y, z):
+        s.add(r)
+    s.schedule()
+    assert [r.id for r in s.running] == [running.id, y.id]
+    assert [r.id for r in s.waiting] == [x.id, z.id] and x.passed_over == 1 and z.passed_over == 0
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("length, cached", [(64, 0), (65, 64), (129, 128)])
+def test_exact_mode_reuses_whole_chunks_short_of_the_last_token(checkpoint, length, cached):
+    """A repeated prompt: the hit ends on a chunk boundary before its last token (whose logits must be
+    computed): 64 tokens reuse nothing, 65 reuse 64."""
+    from minillm import LLM
+
+    llm = LLM.load(checkpoint("llama"), exact=True)
+    prompt = list(range(2, 2 + length))
+    first = llm.generate(prompt, max_new_tokens=3, temperature=0, ignore_eos=True, return_logits=True)
+    again = llm.generate(prompt, max_new_tokens=3, temperature=0, ignore_eos=True, return_logits=True)
+    assert again.cached_tokens == cached and torch.equal(first.logits, again.logits)
+
+
+@pytest.mark.parametrize("length, admitted", [(8, True), (9, False)])
+def test_admission_keeps_one_slot_per_running_request_for_its_next_token(load, length, admitted):
+    """10 slots free and one request running: a newcomer may take 10 - 2 (its own next token and the running
+    one's), not 9."""
+    llm = load("llama")
+    s = make_scheduler(llm, slots=20)
+    (running,) = requests(llm, 10, start=300)
+    s.add(running)
+    s.schedule()
+    assert s.pool.free_slots == 10
+    (new,) = requests(llm, length)
+    s.add(new)
+    s.schedule()
+    assert (new in s.running) == admitted
+    s.check_invariants()

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "tests" / "equivalent_mutants.txt"
 
 # module -> the test files that exercise it (the mutants of a function run only the tests that cover it).
-# Tests that start other Python processes are left out: those processes import the unmutated package.
+# Tests that start other Python processes are left out: those processes import the unmutated package. They
+# are picked by name: such a test says "process" in its name, and no other test does.
 NO_SUBPROCESS = ["-k", "not process"]
 MODULE_TESTS = {
     "radix_cache": ["tests/test_radix_cache.py"],
