@@ -345,3 +345,16 @@ def test_admission_keeps_one_slot_per_running_request_for_its_next_token(load, l
     s.schedule()
     assert (new in s.running) == admitted
     s.check_invariants()
+
+
+def test_a_resumed_request_is_not_counted_again_in_the_hit_statistics(load):
+    llm = load("llama")
+    s = make_scheduler(llm)
+    (a,) = requests(llm, 6)
+    s.add(a)
+    s.schedule()
+    assert s.tree.stats.lookups == 1
+    s.preempt(a)
+    s.schedule()
+    assert a in s.running and s.tree.stats.lookups == 1
+    s.check_invariants()
