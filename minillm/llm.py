@@ -163,6 +163,10 @@ class LLM:
             raise MinillmError(f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb")
         if disk_cache_mb <= 0:
             raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
+        cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
+        if cache_dir and self.leader is not None:  # refused before any rank builds a new pool
+            raise MinillmError("the prefix cache's disk tier does not work with tensor parallelism yet "
+                               f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}")
         if self.leader is not None:
             pool = self.leader.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
         else:
@@ -170,10 +174,6 @@ class LLM:
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
         dynamic = self.config.rope.type == "dynamic"
-        cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
-        if cache_dir and self.leader is not None:
-            raise MinillmError("the prefix cache's disk tier does not work with tensor parallelism yet "
-                               f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}")
         disk = None
         if cache_dir and self.model_dir is not None and prefix_cache and not dynamic:
             page = exact_chunk if self.exact else disk_cache.DEFAULT_PAGE

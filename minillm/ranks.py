@@ -137,7 +137,8 @@ class Leader:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """LLM.logits on every rank: one forward over ids [N], nothing cached."""
-        return self._run(("logits", ids.cpu()), lambda: self.model(ids, torch.arange(len(ids), device=ids.device), SequenceKV()))
+        positions = torch.arange(len(ids), device=ids.device)
+        return self._run(("logits", ids.cpu()), lambda: self.model(ids, positions, SequenceKV()))
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S / 2):

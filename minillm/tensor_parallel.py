@@ -24,7 +24,8 @@ expensive product of a decode step; replicated, every rank would read all of it 
 Norm weights (and Qwen3's q/k norms, per head) are replicated: they are tiny. A row-parallel bias is added
 once, by rank 0 (the others hold zeros), not N times.
 
-With one rank (TensorParallel(config), what a model gets by default) every collective is the identity and every slice the whole tensor: one code path.
+With one rank (TensorParallel(config), what a model gets by default) every collective is the identity and
+every slice the whole tensor: one code path.
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ class TensorParallel:
             data = torch.empty(int(length), dtype=torch.uint8, device=device)
         _collective(dist.broadcast, data, 0)
         return message if self.rank == 0 else pickle.loads(data.cpu().numpy().tobytes())
-
 
 
 def check(config: ModelConfig, size: int) -> None:

@@ -33,7 +33,8 @@ EQUIVALENT_FILE = ROOT / "tests" / "equivalent_mutants.txt"
 
 # module -> the test files that exercise it (the mutants of a function run only the tests that cover it).
 # Tests that start other Python processes are left out: those processes import the unmutated package. They
-# are picked by name: such a test says "process" in its name, and no other test does.
+# are picked by name: such a test says "process" in its name (and, in the files run with this filter, no
+# other test does).
 NO_SUBPROCESS = ["-k", "not process"]
 MODULE_TESTS = {
     "radix_cache": ["tests/test_radix_cache.py"],
