@@ -115,6 +115,25 @@ def test_preempted_request_resumes_bitwise_as_if_uninterrupted(exact_llm):
     assert_close_runs(batched, alone, atol=0)
 
 
+def test_exact_mode_a_resumed_request_recomputes_its_generated_tokens_even_when_the_tree_has_them(exact_llm):
+    """Exact mode's tree holds prefill-shaped KV only. Another prompt that runs on into a request's generated
+    tokens puts prefill-shaped KV for them in the tree; the request, preempted and resumed, must still compute
+    those positions as decode rows (replay), as they were computed uninterrupted, or its bits change."""
+    llm = exact_llm()  # chunks of 16 tokens
+    prompt = random.Random(3).choices(range(2, 300), k=20)
+    options = dict(max_new_tokens=24, temperature=0, ignore_eos=True, return_logits=True)
+    alone = llm.generate(prompt, **options)
+    llm.configure(exact_chunk=16, exact_decode_rows=4)  # an empty tree
+    llm.generate(prompt + alone.token_ids[:20] + [5, 6, 7], max_new_tokens=1)  # its prompt's KV (43 positions) stays
+    handle = llm.submit(prompt, **options)
+    while len(handle.request.tokens) < 36:  # generated past the second chunk boundary (32)
+        llm.engine.step()
+    llm.engine.scheduler.preempt(handle.request)
+    llm.engine.run_until_done()
+    resumed = handle.result()
+    assert resumed.token_ids == alone.token_ids and torch.equal(resumed.logits, alone.logits)
+
+
 def test_abort_frees_everything(load):
     llm = load("llama", engine=dict(kv_tokens=200))
     pool = llm.engine.pool

@@ -62,6 +62,20 @@ def test_evicted_kv_comes_back_from_disk_in_the_same_engine(llm, tmp_path):
     llm.engine.scheduler.check_invariants()
 
 
+@pytest.mark.parametrize("length, cached", [(63, 0), (64, 0), (65, 64), (128, 64), (129, 128)])
+def test_the_disk_lookup_stops_short_of_the_last_token_at_page_edges(llm, tmp_path, length, cached):
+    """A page is reused only if it ends before the prompt's last token (whose logits must be computed), and
+    lengths around a page edge look up no page that the prompt does not fill."""
+    prompt = list(range(2, 2 + length))
+    expected = llm.generate(prompt, **GREEDY)
+    llm.configure(cache_dir=tmp_path)
+    llm.generate(prompt, **GREEDY)
+    llm.close()
+    llm.configure(cache_dir=tmp_path)
+    again = llm.generate(prompt, **GREEDY)
+    assert again.cached_tokens == cached and again.token_ids == expected.token_ids
+
+
 def damage(path: Path, how: str, other: Path, foreign: Path) -> None:
     if how == "corrupted":
         data = bytearray(path.read_bytes())

@@ -358,3 +358,30 @@ def test_a_resumed_request_is_not_counted_again_in_the_hit_statistics(load):
     s.schedule()
     assert a in s.running and s.tree.stats.lookups == 1
     s.check_invariants()
+
+
+def test_a_completion_times_its_wait_prefill_and_decode(load):
+    """ttft counts from submission (waiting included), prefill_s from admission: the second request waits for
+    the first to finish, so its prefill_s is shorter than its ttft."""
+    llm = load("llama", engine=dict(max_batch=1))
+    first, second = (llm.submit(list(range(2 + i, 30 + i)), max_new_tokens=4, temperature=0) for i in range(2))
+    llm.engine.run_until_done()
+    for c in (first.result(), second.result()):
+        assert 0 < c.prefill_s <= c.ttft_s and c.decode_s > 0
+    assert second.result().prefill_s < second.result().ttft_s - first.result().decode_s
+
+
+def test_a_resumed_request_reuses_the_kv_of_its_generated_tokens_outside_exact_mode(load):
+    """Preempted with its KV left in the tree, it resumes with everything but its last token cached (exact mode
+    recomputes its generated tokens instead: tests/test_batching.py)."""
+    llm = load("llama")
+    llm.defaults.eos_token_ids = []
+    prompt = list(range(2, 30))
+    handle = llm.submit(prompt, max_new_tokens=12, temperature=0)
+    r = handle.request
+    while len(r.tokens) < len(prompt) + 5:
+        llm.engine.step()
+    llm.engine.scheduler.preempt(r)
+    llm.engine.scheduler.schedule()
+    assert r in llm.engine.scheduler.running and r.num_cached == r.num_tokens - 1 > len(prompt)
+    llm.engine.run_until_done()

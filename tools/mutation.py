@@ -14,6 +14,7 @@ about an hour on two cores and stays out of CI. Usage:
 
     python tools/mutation.py                      # every core module, writes bench/mutation.json
     python tools/mutation.py radix_cache sampling # some modules (merged into bench/mutation.json)
+    python tools/mutation.py --resume scheduler   # a run stopped midway: its untested mutants and survivors
     python tools/mutation.py --survivors          # after a run: each surviving mutant's diff
     python tools/mutation.py --rescore            # after adding lines to tests/equivalent_mutants.txt
 """
@@ -64,10 +65,11 @@ def load_equivalent() -> dict[str, str]:
     return listed
 
 
-def scratch_tree(workdir: Path, module: str) -> Path:
-    """A copy of the tracked files with a [tool.mutmut] section for this module."""
+def scratch_tree(workdir: Path, module: str, resume: bool = False) -> Path:
+    """A copy of the tracked files with a [tool.mutmut] section for this module. resume: keep mutmut's state
+    (mutants/) from an earlier run and refresh the files, its copies of the tests included."""
     tree = workdir / module
-    if tree.exists():
+    if tree.exists() and not resume:
         shutil.rmtree(tree)
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -75,6 +77,8 @@ def scratch_tree(workdir: Path, module: str) -> Path:
             continue
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tree / name)
+        if resume and name.startswith("tests/") and (tree / "mutants").exists():
+            shutil.copy2(ROOT / name, tree / "mutants" / name)
     tests = ", ".join(json.dumps(t) for t in MODULE_TESTS[module])
     with open(tree / "pyproject.toml", "a") as f:
         f.write(
@@ -87,11 +91,22 @@ def scratch_tree(workdir: Path, module: str) -> Path:
     return tree
 
 
-def run_module(workdir: Path, module: str, jobs: int) -> dict:
-    tree = scratch_tree(workdir, module)
+def unfinished(tree: Path, module: str) -> list[str]:
+    """After an earlier run: the mutants it did not reach and those that survived it and are not listed as
+    equivalent (to try against the tests as they are now)."""
+    meta = tree / "mutants" / "minillm" / f"{module}.py.meta"
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    equivalent = load_equivalent()
+    return [name for name, code in codes.items() if code is None or (code == 0 and name not in equivalent)]
+
+
+def run_module(workdir: Path, module: str, jobs: int, resume: bool) -> dict:
+    tree = scratch_tree(workdir, module, resume)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    names = unfinished(tree, module) if resume else []
     start = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(jobs)], cwd=tree, env=env, capture_output=True, text=True)
+    run = subprocess.run(["mutmut", "run", "--max-children", str(jobs), *names], cwd=tree, env=env,
+                         capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if run.returncode != 0:
         sys.exit(f"mutmut failed on {module}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
@@ -138,6 +153,8 @@ def main():
     parser.add_argument("--workdir", default="/tmp/minillm-mutation", help="scratch trees, one per module")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--out", default=str(ROOT / "bench" / "mutation.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a module's stopped run: its untested mutants and its survivors, with the current tests")
     parser.add_argument("--survivors", action="store_true", help="print the diff of each surviving mutant of the last run")
     parser.add_argument("--rescore", action="store_true",
                         help="no run: score the recorded runs again against tests/equivalent_mutants.txt")
@@ -160,7 +177,11 @@ def main():
         return
 
     for module in [] if args.rescore else modules:
-        result = run_module(workdir, module, args.jobs)
+        result = run_module(workdir, module, args.jobs, args.resume)
+        report = json.loads(out.read_text()) if out.exists() else {}  # another run may have written meanwhile
+        equivalent = load_equivalent()
+        if args.resume and module in report:
+            result["seconds"] += report[module].get("seconds") or 0
         statuses = result["statuses"]
         escaped = sorted(n for n, s in statuses.items() if s not in STATUS_KILLED)
         stale = [n for n in equivalent if n.startswith(f"minillm.{module}.") and statuses.get(n) in STATUS_KILLED]
