@@ -311,3 +311,27 @@ def test_identical_prompts_submitted_together_share_one_prefill(load):
     results = [h.result() for h in handles]
     assert [r.cached_tokens for r in results] == [0, len(prompt) - 1, len(prompt) - 1]
     assert llm.prefix_cache.stats.computed_tokens == len(prompt) + 2  # one prefill, then the last token each
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_logprobs_are_those_of_the_raw_logits_batched_or_alone(load, top):
+    """Each generated token's logprob is log_softmax of that step's raw logits (not of the sampling
+    distribution), with the `top` likeliest tokens best first, and batching does not change them."""
+    llm = load("llama")
+    options = dict(max_new_tokens=5, temperature=0.7, top_k=5, seed=1, ignore_eos=True, return_logits=True,
+                   logprobs=top)
+    prompts = [list(range(2, 20)), list(range(40, 47))]
+    alone = [llm.generate(p, **options) for p in prompts]
+    handles = [llm.submit(p, **options) for p in prompts]
+    batched = [h.result() for h in handles]
+    for a, b in zip(alone, batched):
+        assert len(a.logprobs) == len(a.token_ids) == 5
+        for step, (token, lp) in enumerate(zip(a.token_ids, a.logprobs)):
+            expected = torch.log_softmax(a.logits[step], dim=-1)
+            assert lp.token == token and lp.logprob == pytest.approx(float(expected[token]), abs=1e-5)
+            best = expected.topk(top) if top else None
+            assert [t for t, _ in lp.top] == ([] if best is None else best.indices.tolist())
+            assert [v for _, v in lp.top] == pytest.approx([] if best is None else best.values.tolist(), abs=1e-5)
+        assert b.token_ids == a.token_ids
+        assert [x.logprob for x in b.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4)
+    assert llm.generate(prompts[0], max_new_tokens=2).logprobs is None

@@ -41,3 +41,14 @@ def test_alloc_and_free(load):
     pool.free(a[1:])
     assert pool.free_slots == 4 and torch.isnan(pool.keys[:, :, a[1:]]).all() and (pool.keys[:, :, 1] == 1).all()
     assert sorted(pool.alloc(4).tolist()) == [2, 3, 4, 5]
+
+
+def test_slots_are_int64_even_none_and_freed_kv_is_left_alone_unless_poisoning(load):
+    """Slot tensors are concatenated with slot tables (int64): an empty allocation must be int64 too, or the
+    concatenation turns the table into floats. Freeing writes nothing unless the debug poisoning is on."""
+    pool = KVPool(load("llama").config, 6, torch.float32)
+    assert pool.alloc(0).dtype == pool.alloc(2).dtype == torch.int64
+    pool.keys[:, :, 1:3] = 1.0
+    pool.values[:, :, 1:3] = 2.0
+    pool.free(torch.tensor([1, 2]))
+    assert (pool.keys[:, :, 1:3] == 1).all() and (pool.values[:, :, 1:3] == 2).all()

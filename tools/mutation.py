@@ -48,7 +48,7 @@ MODULE_TESTS = {
     "model": ["tests/test_parity.py", "tests/test_kv_pool.py", "tests/test_prefix_cache.py"],
     "forward_batch": ["tests/test_kv_pool.py", "tests/test_batching.py"],
     "engine": ["tests/test_scheduler.py", "tests/test_batching.py"],
-    "request": ["tests/test_batching.py", "tests/test_text.py"],
+    "request": ["tests/test_batching.py", "tests/test_text.py", "tests/test_cli.py", *NO_SUBPROCESS],
 }
 
 STATUS_KILLED = {"killed", "timeout", "segfault"}  # mutmut's verdicts that mean the tests caught the mutant
@@ -84,6 +84,7 @@ def scratch_tree(workdir: Path, module: str, resume: bool = False) -> Path:
         f.write(
             "\n[tool.mutmut]\n"
             'source_paths = ["minillm"]\n'
+            'also_copy = ["weights"]\n'  # the bundled model, which some tests load
             f'only_mutate = ["minillm/{module}.py"]\n'
             f"pytest_add_cli_args_test_selection = [{tests}]\n"
             'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool has run
