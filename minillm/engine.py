@@ -29,6 +29,8 @@ from .request import Request, RequestHandle
 from .scheduler import Scheduler, Work
 from .tensor_parallel import RankFailure
 
+IDLE_WAIT_S = 0.1  # an idle serve() loop sleeps on the submission queue this long between should_stop() checks
+
 
 class Engine:
     def __init__(self, model: CausalLM, scheduler: Scheduler, exact: bool = False,
@@ -137,7 +139,7 @@ class Engine:
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
         """Step in the calling thread until should_stop() is true: while there is work, one step after another;
-        while there is none, asleep on the queue of submissions (waking every 0.1 s to check should_stop)."""
+        while there is none, asleep on the queue of submissions (waking every IDLE_WAIT_S to check should_stop)."""
         self._serving = True
         try:
             while not should_stop():
@@ -150,7 +152,7 @@ class Engine:
                 except Exception:  # the requests got the error; keep serving the next ones
                     busy = True
                 if not busy:
-                    self._take_inbox(wait=0.1)
+                    self._take_inbox(wait=IDLE_WAIT_S)
         finally:
             self._serving = False
 

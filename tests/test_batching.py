@@ -3,6 +3,7 @@ tight the KV pool is; and the pool's bookkeeping holds after every step."""
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -225,6 +226,31 @@ def test_background_thread_serves_concurrent_submitters(load):
     llm.engine.scheduler.check_invariants()
 
 
+def test_the_serving_loop_sleeps_while_idle_and_stops_when_asked(load, monkeypatch):
+    """Idle, serve() sleeps on the submission queue (a few steps a second, not a busy loop) and still sees
+    should_stop; the background thread is a daemon (a program that forgets stop() can exit), handles wait
+    for it from the moment start() returns, and after stop() they step the engine themselves again."""
+    llm = load("llama")
+    engine = llm.engine
+    steps = []
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: steps.append(1) or real_step())
+    monkeypatch.setattr("minillm.engine.IDLE_WAIT_S", 0.05)
+    release = threading.Event()
+    real_serve = engine.serve
+    monkeypatch.setattr(engine, "serve", lambda should_stop: release.wait(10) and real_serve(should_stop))
+    engine.start()
+    assert engine.serving and engine._thread.daemon  # before the thread has run a line of serve()
+    release.set()
+    time.sleep(0.5)
+    stopper = threading.Thread(target=engine.stop, daemon=True)
+    stopper.start()
+    stopper.join(timeout=10)
+    assert not stopper.is_alive(), "stop() did not return: the idle loop never checked should_stop"
+    assert 1 <= len(steps) <= 20 and not engine.serving  # ~10 idle wake-ups in 0.5 s, not thousands
+    assert llm.generate([2, 3, 4], max_new_tokens=2, temperature=0).token_ids  # stepped by the caller again
+
+
 def test_a_failing_forward_ends_every_request_and_frees_its_slots(load, monkeypatch):
     llm = load("llama", engine=dict(kv_tokens=300))
     handles = [llm.submit(list(range(2, 20 + i)), max_new_tokens=5, temperature=0) for i in range(3)]
@@ -239,6 +265,7 @@ def test_a_failing_forward_ends_every_request_and_frees_its_slots(load, monkeypa
     for h in handles:
         with pytest.raises(RuntimeError, match="planted"):
             h.result()
+        assert h.request.finish_reason == "error"
     llm.engine.scheduler.check_invariants()
     assert not llm.engine.scheduler.has_work and llm.prefix_cache.protected_tokens == 0
 

@@ -385,3 +385,21 @@ def test_a_resumed_request_reuses_the_kv_of_its_generated_tokens_outside_exact_m
     llm.engine.scheduler.schedule()
     assert r in llm.engine.scheduler.running and r.num_cached == r.num_tokens - 1 > len(prompt)
     llm.engine.run_until_done()
+
+
+def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
+    """The output projection is the largest product: a prompt's chunks before its last ask for no logits, the
+    last chunk for its last row's only."""
+    import minillm.forward_batch
+
+    llm = load("llama", engine=dict(max_prefill_tokens=8))
+    asked = []
+    real_run = minillm.forward_batch.run
+
+    def recording_run(model, pool, segments, views=True):
+        asked.extend((s.start, len(s.tokens), s.logit_row) for s in segments)
+        return real_run(model, pool, segments, views)
+
+    monkeypatch.setattr(minillm.forward_batch, "run", recording_run)
+    llm.generate(list(range(2, 22)), max_new_tokens=2, temperature=0, ignore_eos=True)
+    assert asked == [(0, 8, None), (8, 8, None), (16, 4, 3), (20, 1, 0)]
