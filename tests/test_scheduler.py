@@ -403,3 +403,21 @@ def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
     monkeypatch.setattr(minillm.forward_batch, "run", recording_run)
     llm.generate(list(range(2, 22)), max_new_tokens=2, temperature=0, ignore_eos=True)
     assert asked == [(0, 8, None), (8, 8, None), (16, 4, 3), (20, 1, 0)]
+
+
+def test_under_tensor_parallelism_every_forward_goes_through_the_leader(load, monkeypatch):
+    """The engine does not run the model itself when it leads other ranks: ranks.Leader broadcasts each plan
+    first (a stand-in leader here records the calls; tests/test_tensor_parallel.py runs real ranks)."""
+    import minillm.forward_batch
+
+    llm = load("llama")
+    calls = []
+
+    class RecordingLeader:
+        def run_forward(self, model, pool, segments, views=True):
+            calls.append(len(segments))
+            return minillm.forward_batch.run(model, pool, segments, views)
+
+    monkeypatch.setattr(llm.engine, "leader", RecordingLeader())
+    llm.generate(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert calls == [1, 1, 1]
