@@ -33,10 +33,10 @@ IDLE_WAIT_S = 0.1  # an idle serve() loop sleeps on the submission queue this lo
 
 
 class Engine:
-    def __init__(self, model: CausalLM, scheduler: Scheduler, exact: bool = False,
-                 exact_chunk: int = exact_mode.DEFAULT_CHUNK, exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS,
+    def __init__(self, model: CausalLM, scheduler: Scheduler, exact: bool, exact_chunk: int, exact_decode_rows: int,
                  leader=None):
-        """leader: under tensor parallelism (ranks.Leader), every forward goes through it to all ranks."""
+        """Settings come from LLM.configure (llm.py), which documents them. leader: under tensor parallelism
+        (ranks.Leader), every forward goes through it to all ranks."""
         self.model = model
         self.leader = leader
         self.scheduler = scheduler

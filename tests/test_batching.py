@@ -249,6 +249,11 @@ def test_the_serving_loop_sleeps_while_idle_and_stops_when_asked(load, monkeypat
     assert not stopper.is_alive(), "stop() did not return: the idle loop never checked should_stop"
     assert 1 <= len(steps) <= 20 and not engine.serving  # ~10 idle wake-ups in 0.5 s, not thousands
     assert llm.generate([2, 3, 4], max_new_tokens=2, temperature=0).token_ids  # stepped by the caller again
+    engine.start()  # and the thread can start again
+    try:
+        assert engine._thread.is_alive()
+    finally:
+        engine.stop()
 
 
 def test_a_failing_forward_ends_every_request_and_frees_its_slots(load, monkeypatch):

@@ -409,6 +409,7 @@ def test_under_tensor_parallelism_every_forward_goes_through_the_leader(load, mo
     """The engine does not run the model itself when it leads other ranks: ranks.Leader broadcasts each plan
     first (a stand-in leader here records the calls; tests/test_tensor_parallel.py runs real ranks)."""
     import minillm.forward_batch
+    from minillm.engine import Engine
 
     llm = load("llama")
     calls = []
@@ -418,6 +419,7 @@ def test_under_tensor_parallelism_every_forward_goes_through_the_leader(load, mo
             calls.append(len(segments))
             return minillm.forward_batch.run(model, pool, segments, views)
 
-    monkeypatch.setattr(llm.engine, "leader", RecordingLeader())
+    led = Engine(llm.model, llm.engine.scheduler, False, 64, 8, leader=RecordingLeader())
+    monkeypatch.setattr(llm, "engine", led)
     llm.generate(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True)
     assert calls == [1, 1, 1]
