@@ -40,7 +40,7 @@ class Segment:
 class ForwardBatch:
     """The `kv` argument of CausalLM.forward for pooled, batched attention."""
 
-    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device | str, views: bool = True):
+    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device | str, views: bool):
         self.pool, self.segments = pool, segments
         bounds, row = [], 0
         for s in segments:
@@ -97,7 +97,7 @@ def _run_of(slots: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
-def run(model: CausalLM, pool: KVPool, segments: list[Segment], views: bool = True) -> torch.Tensor:
+def run(model: CausalLM, pool: KVPool, segments: list[Segment], views: bool) -> torch.Tensor:
     """One forward over the segments' rows; logits [R, vocab] (float32) of the rows that asked for them, in
     segment order."""
     batch = ForwardBatch(pool, segments, pool.keys.device, views)

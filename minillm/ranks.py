@@ -131,7 +131,7 @@ class Leader:
         return KVPool(self.model.rank_config, num_slots, dtype, device, poison_freed)
 
     def run_forward(self, model: CausalLM, pool: KVPool, segments: list[forward_batch.Segment],
-                    views: bool = True) -> torch.Tensor:
+                    views: bool) -> torch.Tensor:
         """forward_batch.run on every rank; the logits on rank 0."""
         return self._run(("forward", segments, views), lambda: forward_batch.run(model, pool, segments, views))
 

@@ -52,3 +52,32 @@ def test_slots_are_int64_even_none_and_freed_kv_is_left_alone_unless_poisoning(l
     pool.values[:, :, 1:3] = 2.0
     pool.free(torch.tensor([1, 2]))
     assert (pool.keys[:, :, 1:3] == 1).all() and (pool.values[:, :, 1:3] == 2).all()
+
+
+def test_dynamic_rope_rows_of_different_lengths_in_one_forward_get_their_own_frequencies(load):
+    """Dynamic NTK scaling derives its frequencies from the sequence's length: two prompts past the pretrained
+    length, prefilled in the same forward, each get the logits they get alone."""
+    llm = load("llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
+    prompts = [list(range(2, 40)), list(range(50, 72))]
+    options = dict(max_new_tokens=1, temperature=0, return_logits=True)
+    alone = [llm.generate(p, **options).logits for p in prompts]
+    handles = [llm.submit(p, **options) for p in prompts]
+    llm.engine.step()  # both prompts in one forward
+    for handle, logits in zip(handles, alone):
+        torch.testing.assert_close(handle.result().logits, logits, atol=1e-5, rtol=0)
+
+
+def test_a_lone_requests_consecutive_slots_are_written_and_read_in_place(load):
+    """Consecutive slots (a lone request on a fresh pool) are written with one copy and attended through a view
+    of the pool; scattered slots, or views=False (exact mode), go through index_copy / index_select."""
+    from minillm.forward_batch import ForwardBatch, Segment
+
+    pool = KVPool(load("llama").config, 20, torch.float32)
+    run = Segment([5, 6, 7], 0, torch.tensor([4, 5, 6]))
+    scattered = Segment([5, 6], 1, torch.tensor([9, 3, 8]))
+    batch = ForwardBatch(pool, [run], "cpu", views=True)
+    assert batch.write_run == (4, 3) and batch.runs == [(4, 3)]
+    batch = ForwardBatch(pool, [run, scattered], "cpu", views=True)
+    assert batch.write_run is None and batch.runs == [(4, 3), None]
+    assert batch.write_slots.tolist() == [4, 5, 6, 3, 8] and batch.lengths.tolist() == [3, 3, 3, 3, 3]
+    assert ForwardBatch(pool, [run], "cpu", views=False).runs == [None]

@@ -110,15 +110,3 @@ def test_dynamic_rope_models_do_not_reuse_kv(load):
     llm.generate(prompt, max_new_tokens=2, temperature=0)
     assert llm.generate(prompt, max_new_tokens=2, temperature=0).cached_tokens == 0
 
-
-def test_dynamic_rope_rows_of_different_lengths_in_one_forward_get_their_own_frequencies(load):
-    """Dynamic NTK scaling derives its frequencies from the sequence's length: two prompts past the pretrained
-    length, prefilled in the same forward, each get the logits they get alone."""
-    llm = load("llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
-    prompts = [list(range(2, 40)), list(range(50, 72))]
-    options = dict(max_new_tokens=1, temperature=0, return_logits=True)
-    alone = [llm.generate(p, **options).logits for p in prompts]
-    handles = [llm.submit(p, **options) for p in prompts]
-    llm.engine.step()  # both prompts in one forward
-    for handle, logits in zip(handles, alone):
-        torch.testing.assert_close(handle.result().logits, logits, atol=1e-5, rtol=0)

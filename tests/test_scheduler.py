@@ -396,7 +396,7 @@ def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
     asked = []
     real_run = minillm.forward_batch.run
 
-    def recording_run(model, pool, segments, views=True):
+    def recording_run(model, pool, segments, views):
         asked.extend((s.start, len(s.tokens), s.logit_row) for s in segments)
         return real_run(model, pool, segments, views)
 
@@ -415,7 +415,7 @@ def test_under_tensor_parallelism_every_forward_goes_through_the_leader(load, mo
     calls = []
 
     class RecordingLeader:
-        def run_forward(self, model, pool, segments, views=True):
+        def run_forward(self, model, pool, segments, views):
             calls.append(len(segments))
             return minillm.forward_batch.run(model, pool, segments, views)
 
