@@ -103,3 +103,35 @@ def test_bitwise_on_the_bundled_model_with_prepacked_weights():
     warm = run(llm, doc, cache=True, temperature=0)
     assert warm.cached_tokens == 2 * chunk
     assert_bitwise_same(cold, warm)
+
+
+def test_tiles_have_fixed_shapes_and_sample_only_where_asked(load):
+    """exact.tiles on a step with a resumed request's replay row (no sampling), two decode rows and a prompt of
+    a chunk and a row: decode rows go together, one row each, padded to decode_rows; the prompt's chunks start
+    on chunk boundaries and are padded to a whole chunk, whatever their length, logits only where it samples."""
+    from minillm.exact import tiles
+    from minillm.kv_pool import DUMP_SLOT
+    from minillm.scheduler import Work
+
+    llm = load("llama")
+
+    def request(prompt_length, generated=0):
+        r = llm.request(list(range(2, 2 + prompt_length)), max_new_tokens=8)
+        r.generated = list(range(100, 100 + generated))
+        return r
+
+    replay, a, b, prompt = request(5, 3), request(4, 1), request(6, 2), request(9)
+    works = [Work(replay, 6, 1, False), Work(a, 4, 1, True), Work(prompt, 0, 9, True), Work(b, 7, 1, True)]
+    out = tiles(works, chunk=8, decode_rows=4)
+    assert len(out) == 3
+    first_chunk, last_row, decode = out
+    assert [(s.start, len(s.tokens), s.logit_row, w) for s, w in first_chunk] == [(0, 8, None, None)]
+    (segment, work), = last_row
+    assert (segment.start, len(segment.tokens), segment.logit_row, work) == (8, 8, 0, works[2])  # 1 row + 7 padding
+    assert segment.tokens[1:] == [0] * 7 and segment.slots[9:].tolist() == [DUMP_SLOT] * 7
+    assert [(s.start, len(s.tokens), s.logit_row) for s, _ in decode] == [(6, 1, 0), (4, 1, 0), (7, 1, 0), (0, 1, 0)]
+    assert [w for _, w in decode] == [None, works[1], works[3], None]  # the replay row and the padding pick nothing
+    # a prompt's last token alone (the rest was cached) is still a prefill chunk, not a decode row
+    cached = request(9)
+    ((segment, work),), = tiles([Work(cached, 8, 1, True)], chunk=8, decode_rows=4)
+    assert (segment.start, len(segment.tokens), segment.logit_row) == (8, 8, 0)
