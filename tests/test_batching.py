@@ -367,3 +367,38 @@ def test_logprobs_are_those_of_the_raw_logits_batched_or_alone(load, top):
         assert b.token_ids == a.token_ids
         assert [x.logprob for x in b.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4)
     assert llm.generate(prompts[0], max_new_tokens=2).logprobs is None
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=0.2), dict(presence_penalty=-2.0, frequency_penalty=-1.0)],
+                         ids=["repetition", "presence-frequency"])
+def test_penalties_see_the_prompt_and_every_token_generated_so_far(load, penalties):
+    """Each step's token is the argmax of that step's raw logits after the repetition penalty over prompt and
+    output so far, or the presence/frequency penalties over the output so far (greedy, so checkable). The
+    settings favour repeats, so a history that missed the newest tokens would pick other tokens."""
+    from minillm.sampling import presence_frequency_penalty, repetition_penalty
+
+    llm = load("llama")
+    prompt = [5, 6, 7, 5, 9]
+    out = llm.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True, return_logits=True, **penalties)
+    for step, token in enumerate(out.token_ids):
+        logits = out.logits[step][None]
+        if "repetition_penalty" in penalties:
+            logits = repetition_penalty(logits, torch.tensor(prompt + out.token_ids[:step]), 0.2)
+        else:
+            counts = torch.bincount(torch.tensor(out.token_ids[:step], dtype=torch.int64), minlength=logits.shape[1])
+            logits = presence_frequency_penalty(logits, counts.float(), -2.0, -1.0)
+        assert token == int(logits.argmax())
+
+
+def test_a_completion_reports_its_rates_and_fields():
+    from minillm.request import Completion
+
+    c = Completion(text="ab", token_ids=[1, 2, 3], prompt_tokens=12, finish_reason="length", cached_tokens=2,
+                   computed_tokens=10, prefill_s=2.0, ttft_s=2.5, decode_s=4.0)
+    assert c.prefill_tok_s == 5.0 and c.decode_tok_s == 0.5  # 2 decode steps in 4 s (the first token: prefill)
+    assert c.to_dict() == {
+        "text": "ab", "token_ids": [1, 2, 3], "prompt_tokens": 12, "finish_reason": "length", "cached_tokens": 2,
+        "computed_tokens": 10, "ttft_s": 2.5,
+        "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5}}
+    idle = Completion(text="", token_ids=[1], prompt_tokens=1, finish_reason="stop")
+    assert idle.prefill_tok_s == 0.0 and idle.decode_tok_s == 0.0  # no time measured, one token: no rate

@@ -104,13 +104,20 @@ def unfinished(tree: Path, module: str) -> list[str]:
 def run_module(workdir: Path, module: str, jobs: int, resume: bool) -> dict:
     tree = scratch_tree(workdir, module, resume)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    names = unfinished(tree, module) if resume else []
     start = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(jobs), *names], cwd=tree, env=env,
-                         capture_output=True, text=True)
+    names = unfinished(tree, module) if resume else []
+    tried = set()
+    while True:
+        run = subprocess.run(["mutmut", "run", "--max-children", str(jobs), *names], cwd=tree, env=env,
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"mutmut failed on {module}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        # Functions edited since the earlier run got new mutants, which the names given did not cover.
+        tried |= set(names)
+        names = [n for n in unfinished(tree, module) if n not in tried] if names else []
+        if not names:
+            break
     seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        sys.exit(f"mutmut failed on {module}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=tree, env=env, capture_output=True, text=True, check=True)
     statuses = dict(re.findall(r"^\s*(\S+): (.+)$", listing.stdout, re.M))
     return {"statuses": statuses, "seconds": round(seconds, 1)}
