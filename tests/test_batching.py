@@ -402,3 +402,14 @@ def test_a_completion_reports_its_rates_and_fields():
         "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5}}
     idle = Completion(text="", token_ids=[1], prompt_tokens=1, finish_reason="stop")
     assert idle.prefill_tok_s == 0.0 and idle.decode_tok_s == 0.0  # no time measured, one token: no rate
+
+
+def test_a_completion_counts_its_prompt_and_times_its_phases(load):
+    """prompt_tokens, cached + computed = prompt, and the phases in order: admitted after submission, first token
+    after admission, decode after the first token."""
+    llm = load("llama")
+    prompt = list(range(2, 40))
+    llm.generate(prompt[:30], max_new_tokens=1)
+    c = llm.generate(prompt, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert c.prompt_tokens == 38 and c.cached_tokens == 30 and c.computed_tokens == 8
+    assert 0 < c.prefill_s <= c.ttft_s and c.decode_s > 0

@@ -48,7 +48,7 @@ MODULE_TESTS = {
     "model": ["tests/test_parity.py", "tests/test_kv_pool.py", "tests/test_prefix_cache.py"],
     "forward_batch": ["tests/test_kv_pool.py", "tests/test_batching.py"],
     "engine": ["tests/test_scheduler.py", "tests/test_batching.py"],
-    "request": ["tests/test_batching.py", "tests/test_text.py", "tests/test_cli.py", *NO_SUBPROCESS],
+    "request": ["tests/test_batching.py", "tests/test_text.py"],
 }
 
 STATUS_KILLED = {"killed", "timeout", "segfault"}  # mutmut's verdicts that mean the tests caught the mutant
