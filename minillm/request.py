@@ -85,8 +85,8 @@ class Completion:
 
 class Request:
     def __init__(self, prompt: list[int], sampler: Sampler, stops: StopStrings, detok: StreamDecoder,
-                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool = True, return_logits: bool = False,
-                 logprobs: int | None = None, vocab_size: int = 0):
+                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool, return_logits: bool,
+                 logprobs: int | None, vocab_size: int):
         """logprobs: record each generated token's logprob and this many top alternatives (None: off).
         vocab_size: needed for the presence/frequency penalties' token counts."""
         self.id = next(_ids)
