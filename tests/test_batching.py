@@ -407,9 +407,28 @@ def test_a_completion_reports_its_rates_and_fields():
 def test_a_completion_counts_its_prompt_and_times_its_phases(load):
     """prompt_tokens, cached + computed = prompt, and the phases in order: admitted after submission, first token
     after admission, decode after the first token."""
-    llm = load("llama")
+    llm = load("llama", engine=dict(max_batch=1))
     prompt = list(range(2, 40))
     llm.generate(prompt[:30], max_new_tokens=1)
+    start = time.perf_counter()
     c = llm.generate(prompt, max_new_tokens=4, temperature=0, ignore_eos=True)
+    elapsed = time.perf_counter() - start
     assert c.prompt_tokens == 38 and c.cached_tokens == 30 and c.computed_tokens == 8
-    assert 0 < c.prefill_s <= c.ttft_s and c.decode_s > 0
+    assert 0 < c.prefill_s <= c.ttft_s < c.ttft_s + c.decode_s <= elapsed
+    # never admitted (aborted while another request runs): no prefill time, no token, no logits
+    running = llm.submit(prompt, max_new_tokens=3, temperature=0)
+    waiting = llm.submit(prompt[:20], max_new_tokens=3, return_logits=True)
+    llm.engine.step()
+    waiting.abort()
+    running.result()
+    c = waiting.result()
+    assert c.finish_reason == "abort" and c.token_ids == [] and c.logits is None and c.prefill_s == 0.0
+    assert 0 <= c.ttft_s and c.decode_s == 0.0
+
+
+def test_a_request_keeps_a_token_history_only_for_the_penalties_that_need_it(load):
+    llm = load("llama")
+    plain = llm.request([5, 6, 7], max_new_tokens=2)
+    assert plain.seen is None and plain.counts is None
+    assert llm.request([5, 6], max_new_tokens=2, repetition_penalty=2.0).seen.tolist() == [5, 6]
+    assert llm.request([5, 6], max_new_tokens=2, presence_penalty=0.5).counts.shape == (llm.config.vocab_size,)

@@ -9,8 +9,9 @@ listed, one line each with the reason, in tests/equivalent_mutants.txt; the scor
     score = killed / (mutants - equivalent)
 
 Each module runs in its own copy of the repository (mutmut needs a scratch tree) with only the test files
-that exercise it, so a run of one module takes minutes, not the whole suite per mutant. The full run takes
-about an hour on two cores and stays out of CI. Usage:
+that exercise it, not the whole suite per mutant. Even so a module takes 5 to 90 minutes on two cores (each
+surviving mutant runs all of its tests; the Hypothesis batching tests dominate), the whole set about four
+hours: it stays out of CI, and a stopped run continues with --resume. Usage:
 
     python tools/mutation.py                      # every core module, writes bench/mutation.json
     python tools/mutation.py radix_cache sampling # some modules (merged into bench/mutation.json)
