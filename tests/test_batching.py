@@ -379,14 +379,15 @@ def test_penalties_see_the_prompt_and_every_token_generated_so_far(load, penalti
 
     llm = load("llama")
     prompt = [5, 6, 7, 5, 9]
-    out = llm.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True, return_logits=True, **penalties)
+    out = llm.generate(prompt, max_new_tokens=24, temperature=0, ignore_eos=True, return_logits=True, **penalties)
     for step, token in enumerate(out.token_ids):
         logits = out.logits[step][None]
         if "repetition_penalty" in penalties:
             logits = repetition_penalty(logits, torch.tensor(prompt + out.token_ids[:step]), 0.2)
         else:
             counts = torch.bincount(torch.tensor(out.token_ids[:step], dtype=torch.int64), minlength=logits.shape[1])
-            logits = presence_frequency_penalty(logits, counts.float(), -2.0, -1.0)
+            logits = presence_frequency_penalty(logits, counts.float(), penalties["presence_penalty"],
+                                                penalties["frequency_penalty"])
         assert token == int(logits.argmax())
 
 
@@ -432,3 +433,7 @@ def test_a_request_keeps_a_token_history_only_for_the_penalties_that_need_it(loa
     assert plain.seen is None and plain.counts is None
     assert llm.request([5, 6], max_new_tokens=2, repetition_penalty=2.0).seen.tolist() == [5, 6]
     assert llm.request([5, 6], max_new_tokens=2, presence_penalty=0.5).counts.shape == (llm.config.vocab_size,)
+    handle = llm.submit([5, 6], max_new_tokens=10, temperature=0, ignore_eos=True, frequency_penalty=-2.0)
+    generated = handle.result().token_ids  # the negative penalty makes tokens repeat
+    expected = torch.bincount(torch.tensor(generated), minlength=llm.config.vocab_size).float()
+    assert expected.max() > 1 and torch.equal(handle.request.counts, expected)

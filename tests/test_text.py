@@ -69,6 +69,18 @@ def test_generate_stops_at_a_stop_string_that_spans_tokens(load):
     assert "".join(pieces) == result.text  # nothing after the stop string reached the user
 
 
+def test_text_held_back_for_a_possible_stop_string_is_streamed_when_generation_ends(load):
+    """The stream holds back a tail that could begin a stop string; if generation ends first, that tail is
+    still text the user must get, in the stream as in the completion."""
+    llm = load("llama")
+    options = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+    text = llm.generate("The quick", **options).text
+    stream = llm.stream("The quick", stop=[text[-1] + "\u2603 never generated"], **options)
+    pieces = list(stream)
+    assert stream.completion.finish_reason == "length" and stream.completion.text == text
+    assert "".join(pieces) == text
+
+
 def test_eos_list_from_generation_config_ends_generation(checkpoint):
     llm = LLM.load(checkpoint("llama", generation={"eos_token_id": [1, 7]}))
     assert llm.defaults.eos_token_ids == [1, 7]
