@@ -66,7 +66,7 @@ def load_equivalent() -> dict[str, str]:
     return listed
 
 
-def scratch_tree(workdir: Path, module: str, resume: bool = False) -> Path:
+def scratch_tree(workdir: Path, module: str, resume: bool) -> Path:
     """A copy of the tracked files with a [tool.mutmut] section for this module. resume: keep mutmut's state
     (mutants/) from an earlier run and refresh the files, its copies of the tests included."""
     tree = workdir / module
