@@ -92,7 +92,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.defaults = defaults
         self.device = device
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = model.model.norm.weight.dtype  # the model's dtype (norms are never packed or quantized)
         self.exact = exact  # see exact.py: bitwise the same logits with the cache on or off, alone or batched
         self.configure(**engine_options)
 
@@ -119,10 +119,10 @@ class LLM:
         config = load_config(folder)
         dtype_name = next((name for name, d in DTYPES.items() if d == dtype), None)
         load_args = dict(folder=str(folder), dtype=dtype_name, device=device, prepack=prepack, quantize=quantize,
-                         group_size=group_size)
+                         group_size=group_size, exact=exact)
         rank, followers, device = ranks.start(tp, config, device, load_args)
         try:
-            network = load_model(folder, config, dtype, device, prepack, quantize, group_size, rank)
+            network = load_model(folder, config, dtype, device, prepack, quantize, group_size, rank, exact)
             if rank is not None:
                 ranks.loaded()
         except BaseException:

@@ -94,12 +94,15 @@ def read_tensors(files: list[SafetensorsFile], names: dict[Path, list[str] | Non
 
 def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu",
                prepack: bool | None = None, quantize: str | None = None,
-               group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: TensorParallel | None = None) -> CausalLM:
+               group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: TensorParallel | None = None,
+               exact: bool = False) -> CausalLM:
     """Build the model without allocating weights (meta device), then install the checkpoint's tensors.
 
     prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available.
     quantize: "int8" or "int4" replaces the matrices by quantized ones instead (quantize.py).
-    tp: this process's rank under tensor parallelism: it installs only its slices (tensor_parallel.py)."""
+    tp: this process's rank under tensor parallelism: it installs only its slices (tensor_parallel.py).
+    exact: for exact mode (exact.py), whose products must give a row the same bits whatever the other rows
+    hold: prepacked float32 weights then use oneDNN's layout too (prepack.py says why)."""
     names = _weight_files(folder)
     files = [SafetensorsFile(path) for path in names]
     tensors = read_tensors(files, names)
@@ -164,7 +167,7 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
     model.weight_form = "plain"  # what the matrices became: the disk tier keeps KV of each form apart
     if prepack:
-        packing.prepack_linears(model, dtype, release)
+        packing.prepack_linears(model, dtype, release, onednn=dtype == torch.bfloat16 or exact)
         model.weight_form = "prepacked"
     if quantize is not None:
         quantization.quantize_linears(model, quantize, dtype, group_size, release)

@@ -2,21 +2,29 @@
 
 Decoding one token multiplies a single row of activations by every weight matrix. That matrix-vector
 product does two flops per weight it reads, so its speed is set by memory bandwidth (bytes read per
-second), not arithmetic. On the 2-core machines this engine is developed on, F.linear sends it to a BLAS
-gemv that reads weights at about 14 GB/s, while the memory delivers 35-65 GB/s (it drifts on a shared
-machine). oneDNN (PyTorch's "mkldnn" backend) can instead reorder each weight once, at load time, into the
-blocked layout its kernels stream through; the same product then reads 20-35 GB/s (more for larger
-matrices), and prefill's matrix-matrix products gain too.
+second), not arithmetic. Two things make it stream well, and both are done once, at load time:
 
-The operators are PyTorch's own: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies
-(torch.compile's CPU weight prepacking uses the same pair for bf16 weights).
+- **Stacking**: q, k and v read the same input, as do gate and up; each group becomes one matrix. One
+  larger product streams memory better than several small ones, and makes fewer calls.
+- **The kernel that streams best for the dtype**, measured on the 2-core machines this engine is developed
+  on (a decode step's matrices, one row, read from memory, not cache; tools/bench_decode.py):
+  - bfloat16: F.linear's BLAS path reads 13-16 GB/s; oneDNN (PyTorch's "mkldnn" backend) reads 17-25 GB/s
+    once each weight is reordered into the blocked layout its kernels stream through. So bf16 weights are
+    reordered: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies (torch.compile's
+    CPU weight prepacking uses the same pair).
+  - float32: the other way round. MKL's gemv behind F.linear reads 24-27 GB/s on the plain layout, oneDNN's
+    packed one 20-24 (decode 10-15% slower in three separate runs; prefill the same). So float32 weights
+    are only stacked, and multiplied by F.linear. Except in exact mode (exact.py), which needs a row's
+    result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
+    property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
+    unless its reproducibility mode is set), oneDNN's keep it, so exact mode packs float32 for oneDNN too.
 
-The packed weight is an opaque oneDNN tensor: a copy in another layout. The loader hands each original
-to `release` once it is packed, so resident memory stays about one copy of the weights.
+A packed weight is a copy (stacked, reordered or converted). The loader hands each original to `release`
+once it is replaced, so resident memory stays about one copy of the weights.
 
-Packed products add up each dot product in another order than F.linear, so results differ in the last
-bits from transformers' (whose fp32 results F.linear reproduces exactly). LLM.load(prepack=False) keeps
-plain F.linear for bit-for-bit comparisons.
+Packed products add up each dot product in another order than F.linear on the separate matrices, so
+results differ in the last bits from transformers' (whose fp32 results F.linear reproduces exactly).
+LLM.load(prepack=False) keeps plain, separate F.linear products for bit-for-bit comparisons.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import CausalLM
@@ -37,32 +46,37 @@ def available(dtype: torch.dtype, device: str) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b, like nn.Linear, with W held in oneDNN's packed layout.
+    """y = x W^T + b, like nn.Linear, with W held in the layout the dtype's fastest kernel reads (above).
 
     Built from one nn.Linear, or from several that read the same input (q, k and v; gate and up), stacked
-    into one matrix: one larger product streams memory better than several small ones, and makes fewer
-    calls. Its output is then the outputs of the parts side by side, to be split by the caller."""
+    into one matrix. Its output is then the outputs of the parts side by side, to be split by the caller."""
 
-    def __init__(self, *linears: nn.Linear, dtype: torch.dtype, scratch: torch.Tensor | None = None):
-        """dtype: the compute dtype (weights are converted as they are packed). scratch: reusable memory
-        for stacking the parts (packing many layers then frees nothing that it allocated, which would
+    def __init__(self, *linears: nn.Linear, dtype: torch.dtype, onednn: bool, scratch: torch.Tensor | None = None):
+        """dtype: the compute dtype (weights are converted as they are packed). onednn: reorder for oneDNN
+        (else keep the stacked matrix for F.linear). scratch: reusable memory for stacking the parts of a
+        matrix that is then reordered (packing many layers then frees nothing that it allocated, which would
         leave the heap fragmented)."""
         super().__init__()
         parts = [linear.weight.detach() for linear in linears]
+        self.onednn = onednn
         if len(parts) > 1:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-            out = scratch[: shape[0] * shape[1]].view(shape) if scratch is not None else None
+            out = scratch[: shape[0] * shape[1]].view(shape) if self.onednn and scratch is not None else None
             weight = torch.cat([p.to(dtype) for p in parts], out=out)  # [sum of outs, in]
         else:
-            weight = parts[0].to(dtype)  # [out, in]
-        # Packed for one-row inputs (decode, where bandwidth matters most); it serves any number of rows.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque [out, in]
+            weight = parts[0].to(dtype, copy=True)  # [out, in]: a copy, so the original can be released
+        if self.onednn:
+            # Packed for one-row inputs (decode, where bandwidth matters most); it serves any number of rows.
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque [out, in]
+        self.weight = weight
         biases = [linear.bias for linear in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = self.weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
     @property
     def weight_bytes(self) -> int:
@@ -95,10 +109,10 @@ def replace_linears(model: CausalLM, build: Callable[..., nn.Module],
         swap(layer.mlp, "down_proj", ["down_proj"])
 
 
-def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
-    """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears), stacking parts in one
-    reusable scratch buffer."""
+def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None], onednn: bool) -> None:
+    """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears); onednn: reorder them
+    for oneDNN (bfloat16; float32 in exact mode), their parts stacked in one reusable scratch buffer."""
     c = model.rank_config  # this rank's shapes (the whole model's on one rank)
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
-    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype)
-    replace_linears(model, lambda *linears: PackedLinear(*linears, dtype=dtype, scratch=scratch), release)
+    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype) if onednn else None
+    replace_linears(model, lambda *linears: PackedLinear(*linears, dtype=dtype, onednn=onednn, scratch=scratch), release)

@@ -1,9 +1,9 @@
 """Weight-only quantization: int8 with a scale per output channel, int4 with a scale and zero per group.
 
 Decoding one token reads every weight once, so its speed is bytes per token: int8 halves bf16's bytes
-and int4 quarters them. Only the weight matrices are quantized; activations, the KV cache, norms, the
-embedding table and every sum stay in the model's dtype, and the products dequantize on the fly inside
-PyTorch's own CPU kernels (the ones gpt-fast uses):
+and int4 quarters them. Only the weights are quantized (the matrices, and the embedding table as int8 rows:
+QuantizedEmbedding); activations, the KV cache, norms and every sum stay in the model's dtype, and the
+products dequantize on the fly inside PyTorch's own CPU kernels (the ones gpt-fast uses):
 
 - int8: w ~= q * scale[row], q in -127..127, scale = max |w| of the row / 127 (symmetric).
   aten._weight_int8pack_mm(x, q [out, in] int8, scale [out]).
@@ -33,7 +33,7 @@ from .prepack import replace_linears
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_GROUP_SIZE = 32           # llama.cpp's Q4_0 block: the best quality of the sizes the kernel takes
-ROWS_AT_ONCE = 4096               # quantize this many rows at a time, so lm_head never exists in float32 whole
+ROWS_AT_ONCE = 4096               # quantize this many rows at a time
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,16 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int8_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8 of a large matrix, ROWS_AT_ONCE rows at a time (lm_head never exists in float32 whole),
+    into outputs allocated first (freeing the temporaries then leaves no hole below them in the heap)."""
+    q = torch.empty(weight.shape, dtype=torch.int8)    # [out, in]
+    scale = torch.empty(weight.shape[0], dtype=dtype)  # [out]
+    for i in range(0, weight.shape[0], ROWS_AT_ONCE):
+        q[i : i + ROWS_AT_ONCE], scale[i : i + ROWS_AT_ONCE] = quantize_int8(weight[i : i + ROWS_AT_ONCE])
     return q, scale
 
 
@@ -71,20 +81,24 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, *linears: nn.Linear, mode: str, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__()
-        weight = torch.cat([linear.weight.detach() for linear in linears]) if len(linears) > 1 else linears[0].weight
+        # detach(): the checkpoint's parameters require grad, and autograd would keep every temporary of quantizing.
+        weight = torch.cat([linear.weight.detach() for linear in linears]) if len(linears) > 1 else linears[0].weight.detach()
         self.out_features, self.in_features = weight.shape
         self.mode, self.group_size = mode, group_size
-        blocks = [weight[i : i + ROWS_AT_ONCE] for i in range(0, self.out_features, ROWS_AT_ONCE)]
         if mode == "int8":
-            parts = [quantize_int8(block) for block in blocks]
-            self.register_buffer("q", torch.cat([q for q, _ in parts]))                          # [out, in] int8
-            self.register_buffer("scale", torch.cat([s for _, s in parts]).to(dtype))             # [out]
+            q, scale = quantize_int8_rows(weight, dtype)
+            self.register_buffer("q", q)          # [out, in] int8
+            self.register_buffer("scale", scale)  # [out]
         else:
-            parts = [quantize_int4(block, group_size) for block in blocks]
-            q = torch.cat([q for q, _, _ in parts])
-            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [out, in / 2] uint8
-            scale, zero = torch.cat([s for _, s, _ in parts]), torch.cat([z for _, _, z in parts])
-            self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=2).to(dtype).contiguous())
+            # Packed ROWS_AT_ONCE rows at a time (the packed layout keeps whole rows: blocks stack exactly),
+            # into outputs allocated first: no int32 copy of a whole matrix, no hole left in the heap.
+            self.register_buffer("q", torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_and_zeros", torch.empty(self.in_features // group_size, self.out_features, 2,
+                                                                 dtype=dtype))  # [in / group, out, 2]
+            for i in range(0, self.out_features, ROWS_AT_ONCE):
+                q, scale, zero = quantize_int4(weight[i : i + ROWS_AT_ONCE], group_size)
+                self.q[i : i + len(q)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [rows, in / 2]
+                self.scales_and_zeros[:, i : i + len(q)] = torch.stack([scale.t(), zero.t()], dim=2)
         biases = [linear.bias for linear in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
 
@@ -123,15 +137,40 @@ def check(mode: str, group_size: int, model: CausalLM, dtype: torch.dtype, devic
                 fits = [g for g in GROUP_SIZES if all(n % g == 0 for n in sizes.values())]
                 advice = f"choose {' or '.join(map(str, fits))}" if fits else "use int8"
                 raise MinillmError(f"int4 group size {group_size} does not divide the model's {what} ({size}); {advice}")
+        if c.vocab_size % 16:  # the other output sizes are multiples of the group size, checked above
+            raise MinillmError(f"int4 packs output rows 16 at a time, and the vocabulary ({c.vocab_size} rows here) "
+                               "is not a multiple of 16; use int8")
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings looked up in an int8 table with a scale per row (quantize_int8: one row per token);
+    a lookup dequantizes only the rows it reads. With tied embeddings and int8 weights the table is the
+    quantized output projection itself (the same rows), so the model holds one int8 copy of that matrix
+    rather than a full-precision table beside a quantized head."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)          # [vocab, hidden] int8
+        self.register_buffer("scale", scale)  # [vocab], the model's dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.q[tokens].to(self.scale.dtype) * self.scale[tokens, None]  # [N, hidden]
 
 
 def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE,
                      release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
     """Replace the model's nn.Linear modules by QuantizedLinear ones, in place (prepack.replace_linears:
-    stacked q/k/v and gate/up). The output head is quantized too (with tied embeddings it becomes a
-    quantized copy; the embedding table stays as stored, and a lookup reads only its rows)."""
+    stacked q/k/v and gate/up), the output head included, and the embedding table by a QuantizedEmbedding
+    (int8 in both modes: it is read a row per token, so its size costs memory, not decode speed)."""
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
     replace_linears(model, lambda *linears: QuantizedLinear(*linears, mode=mode, dtype=dtype, group_size=group_size),
                     release)
+    head = model.lm_head
+    q, scale = (head.q, head.scale) if tied and mode == "int8" else quantize_int8_rows(embed.detach(), dtype)
+    model.model.embed_tokens = QuantizedEmbedding(q, scale)
+    release(embed)
+    del embed
     return_freed_memory()
 
 

@@ -276,7 +276,7 @@ def follower_main(message: str) -> None:
         config = load_config(folder)
         dtype = DTYPES[load["dtype"]] if load["dtype"] else None
         model = load_model(folder, config, dtype, load["device"], load["prepack"], load["quantize"],
-                           load["group_size"], TensorParallel(config, rank, size))
+                           load["group_size"], TensorParallel(config, rank, size), load["exact"])
         loaded()
     except MinillmError as e:
         print(f"minillm: error: rank {rank}: {e}", file=sys.stderr, flush=True)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from minillm import LLM, prepack
 from minillm.errors import MinillmError
@@ -81,6 +83,29 @@ def test_prepacked_and_plain_weights_agree(checkpoint):
     a = packed.generate(ids, max_new_tokens=12, temperature=0, use_prefix_cache=False)
     b = plain.generate(ids, max_new_tokens=12, temperature=0, use_prefix_cache=False)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.skipif(not prepack.available(torch.bfloat16, "cpu"), reason="this torch build has no oneDNN bf16")
+def test_float32_packs_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint):
+    """Each dtype gets the kernel that streams best (prepack.py): float32 weights stay a plain stacked matrix
+    for F.linear (so the product is exactly F.linear's on it), bfloat16 ones become oneDNN's opaque layout;
+    exact mode reorders float32 for oneDNN too (MKL's rows are not independent of the other rows' bits)."""
+    folder = checkpoint("llama")
+    for options, onednn in ((dict(dtype="float32"), False), (dict(dtype="float32", exact=True), True),
+                            (dict(dtype="bfloat16"), True), (dict(dtype="bfloat16", exact=True), True)):
+        model = LLM.load(folder, **options).model
+        assert all(m.onednn == onednn for m in model.modules() if isinstance(m, prepack.PackedLinear)), options
+    torch.manual_seed(0)
+    parts = [nn.Linear(64, n) for n in (64, 16, 16)]
+    x = torch.randn(3, 64)
+    fp32 = prepack.PackedLinear(*parts, dtype=torch.float32, onednn=False)
+    stacked = torch.cat([p.weight for p in parts]).detach()
+    assert fp32.weight.layout == torch.strided and torch.equal(fp32.weight, stacked)
+    assert torch.equal(fp32(x), F.linear(x, stacked, torch.cat([p.bias for p in parts]).detach()))
+    bf16 = prepack.PackedLinear(*parts, dtype=torch.bfloat16, onednn=True)
+    assert bf16.weight.layout == torch._mkldnn and fp32.weight_bytes == 2 * bf16.weight_bytes
+    single = nn.Linear(64, 8)
+    assert prepack.PackedLinear(single, dtype=torch.float32, onednn=False).weight.data_ptr() != single.weight.data_ptr()  # a copy
 
 
 def test_prepack_refused_where_it_cannot_run(checkpoint):

@@ -10,7 +10,7 @@ from torch import nn
 
 from minillm import LLM
 from minillm.errors import MinillmError
-from minillm.quantize import QuantizedLinear, dequantize, quantize_int4, quantize_int8
+from minillm.quantize import QuantizedEmbedding, QuantizedLinear, dequantize, quantize_int4, quantize_int8
 
 MODES = [("int8", 32), ("int4", 32), ("int4", 128)]
 
@@ -65,6 +65,30 @@ def test_stacked_parts_equal_separate_layers():
         stacked = QuantizedLinear(*parts, mode=mode, dtype=torch.float32).forward(x)
         alone = torch.cat([QuantizedLinear(p, mode=mode, dtype=torch.float32).forward(x) for p in parts], dim=1)
         assert (stacked - alone).abs().max() <= 1e-5 * alone.abs().max()
+
+
+@pytest.mark.parametrize("mode,tied", [("int8", True), ("int8", False), ("int4", True)])
+def test_embeddings_are_int8_rows_shared_with_a_tied_int8_head(checkpoint, mode, tied):
+    """A lookup gives the dequantized int8 rows of the checkpoint's table. With tied embeddings and int8
+    weights the table is the output projection's own int8 matrix (one copy, not two); otherwise (an untied
+    table, or an int4 head whose packed layout has no rows) it is the table quantized on its own."""
+    folder = checkpoint("qwen2", tie_word_embeddings=tied)
+    plain = LLM.load(folder, dtype="float32", prepack=False).model
+    model = LLM.load(folder, dtype="float32", quantize=mode).model
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantizedEmbedding) and embed.q.dtype == torch.int8
+    assert (embed.q.data_ptr() == model.lm_head.q.data_ptr()) == (tied and mode == "int8")
+    tokens = torch.tensor([0, 5, 5, 17, plain.config.vocab_size - 1])
+    expected = dequantize(*quantize_int8(plain.model.embed_tokens.weight.detach()))[tokens]
+    assert torch.equal(embed(tokens), expected)
+    assert all(p.dim() == 1 for p in model.parameters())  # norms only: no float matrix (the table) is left
+
+
+def test_quantized_buffers_hold_no_autograd_history(checkpoint):
+    """The checkpoint's parameters require grad; quantizing them without detaching once kept every temporary
+    of the quantization alive through the buffers' autograd graph (resident memory 3.5x the weights)."""
+    model = LLM.load(checkpoint("llama"), dtype="bfloat16", quantize="int8").model
+    assert all(b.grad_fn is None and not b.requires_grad for b in model.buffers())
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +154,14 @@ def test_bad_quantize_settings_are_one_line_errors(checkpoint, options, message)
     with pytest.raises(MinillmError) as error:
         LLM.load(checkpoint("llama"), **options)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_int4_refuses_a_vocabulary_its_packing_cannot_hold(checkpoint):
+    folder = checkpoint("llama", vocab_size=1000 + 4)  # the kernel packs output rows in blocks of 16
+    with pytest.raises(MinillmError) as error:
+        LLM.load(folder, quantize="int4")
+    assert "vocabulary (1004 rows here) is not a multiple of 16; use int8" in str(error.value)
+    assert LLM.load(folder, quantize="int8").generate([5, 6], max_new_tokens=2).token_ids  # int8 has no such limit
 
 
 def test_cli_quantize_runs_and_refuses_a_bad_group_size(checkpoint):

@@ -48,25 +48,66 @@ def step_bytes(llm: LLM) -> int:
     """Bytes one decode step reads: every matrix once (packed or quantized forms included), norms and
     biases; the embedding table only where it is also the output projection in its own form."""
     model = llm.model
-    embed = model.model.embed_tokens.weight
+    embed = getattr(model.model.embed_tokens, "weight", None)  # None: a QuantizedEmbedding
     total = sum(p.nbytes for p in model.parameters() if p is not embed)
     total += sum(m.weight_bytes for m in model.modules() if isinstance(m, (PackedLinear, QuantizedLinear)))
-    if getattr(model.lm_head, "weight", None) is embed:
+    if getattr(model.lm_head, "weight", None) is embed is not None:
         total += embed.nbytes
     return total
 
 
+def model_bytes(model) -> int:
+    """Bytes of every tensor the model holds, each once (a tied head and table sharing one int8 matrix count
+    once): parameters, buffers, and the packed weights and biases that are neither."""
+    held = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for m in model.modules():
+        if isinstance(m, (PackedLinear, QuantizedLinear)):
+            held.update({id(t): t for t in (getattr(m, "weight", None), m.bias) if t is not None})
+    return sum(t.numel() * t.element_size() for t in held.values())
+
+
+def model_resident_kib() -> int:
+    """This process's anonymous resident memory (what it allocated) plus the resident pages of the safetensors
+    files it maps (weights used in place), in KiB. Unlike VmRSS this leaves out the pages of torch's own
+    libraries that loading happens to run for the first time (tens of MB of code)."""
+    total, mapping = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: address range, permissions, ..., path
+            mapping = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Rss:" and mapping.endswith(".safetensors"):
+            total += int(fields[1])
+    status = Path("/proc/self/status").read_text().splitlines()
+    return total + int(next(line.split()[1] for line in status if line.startswith("RssAnon:")))
+
+
 def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
-    """Load time and resident memory of a fresh process that loads the model (VmHWM, as bench_speed)."""
-    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-            "from pathlib import Path; from minillm import LLM\n"
-            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"
-            f"before = kib('VmHWM:'); t = time.perf_counter(); LLM.load({model!r}, dtype={dtype!r}, quantize={quantize!r})\n"
-            "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    """Load time and resident memory (VmRSS; peak: VmHWM) of a fresh process that loads the model with
+    LLM.load; and, in another fresh process, what the model alone (loader.load_model: no tokenizer, no KV
+    pool; torch's threads and meta-device modules already started) adds to resident memory (model_resident_kib), against the bytes of
+    the tensors it holds."""
+    tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
+    head = (f"import sys, time; sys.path[:0] = [{root!r}, {tools!r}]\n"
+            "import torch; from pathlib import Path; from minillm import LLM\n"
+            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n")
+    whole = head + (f"before = kib('VmRSS:'); t = time.perf_counter(); llm = LLM.load({model!r}, dtype={dtype!r}, quantize={quantize!r})\n"
+                    "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)")
+    alone = head + ("from minillm.config import load_config; from minillm.loader import load_model\n"
+                    "from bench_decode import model_bytes, model_resident_kib\n"
+                    # torch's threads, and the Python modules behind the meta device (tens of MB), started first
+                    "x = torch.randn(4096, 1024); torch.nn.functional.linear(x[:1], x); x.abs().amax(1)\n"
+                    "with torch.device('meta'): torch.nn.Linear(2, 2)\n"
+                    f"folder = Path({model!r}); config = load_config(folder); before = model_resident_kib()\n"
+                    f"m = load_model(folder, config, getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
+                    "print(before, model_resident_kib(), model_bytes(m))")
+    out = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=True)
     before, peak, now, seconds = out.stdout.split()
+    out = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, check=True)
+    model_before, model_after, held = map(int, out.stdout.split())
+    model_rss = (model_after - model_before) * 1024
     return {"load_s": round(float(seconds), 2), "rss_before_load_bytes": int(before) * 1024,
-            "peak_rss_bytes": int(peak) * 1024, "rss_after_load_bytes": int(now) * 1024}
+            "peak_rss_bytes": int(peak) * 1024, "rss_after_load_bytes": int(now) * 1024,
+            "model_rss_bytes": model_rss, "model_tensor_bytes": held, "model_rss_over_tensor_bytes": round(model_rss / held, 3)}
 
 
 def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> float:
@@ -139,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_seconds = time.perf_counter() - start
     llms.clear()
     for name, (dtype, quantize) in MINILLM.items():
-        figures = load_figures(args.model, dtype, quantize)
-        figures["load_rss_over_step_bytes"] = round(
-            (figures["rss_after_load_bytes"] - figures["rss_before_load_bytes"]) / rows[name]["step_bytes"], 3)
-        rows[name].update(figures)
+        rows[name].update(load_figures(args.model, dtype, quantize))
     version = None
     if peers:
         v = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
