@@ -170,7 +170,7 @@ def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size:
     q, scale = (head.q, head.scale) if tied and mode == "int8" else quantize_int8_rows(embed.detach(), dtype)
     model.model.embed_tokens = QuantizedEmbedding(q, scale)
     release(embed)
-    del embed
+    del embed  # the last reference to the float table: it is freed before the heap is trimmed
     return_freed_memory()
 
 
