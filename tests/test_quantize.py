@@ -10,6 +10,7 @@ from torch import nn
 
 from minillm import LLM
 from minillm.errors import MinillmError
+from minillm import quantize
 from minillm.quantize import QuantizedEmbedding, QuantizedLinear, dequantize, quantize_int4, quantize_int8
 
 MODES = [("int8", 32), ("int4", 32), ("int4", 128)]
@@ -36,6 +37,36 @@ def test_quantized_products_equal_the_dequantized_reference(mode, group, dtype, 
     got = layer(x.to(dtype)).float()
     tolerance = (1e-5 if dtype == torch.float32 else 1.5e-2) * expected.abs().max()
     assert got.shape == (rows, 384) and (got - expected).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("mode,group", MODES)
+@pytest.mark.parametrize("out_features", [1152, 48])
+def test_many_rows_take_the_dense_path_block_by_block(mode, group, out_features):
+    """From DENSE_FROM_ROWS rows on, W is dequantized DENSE_BLOCK rows at a time and multiplied densely (1152
+    rows: two blocks, the second partial); int4 layers whose rows are not whole 64-row blocks (48) keep the
+    kernel. Both against the dequantized reference, bf16 tolerance as above."""
+    torch.manual_seed(3)
+    linear = nn.Linear(256, out_features)
+    layer = QuantizedLinear(linear, mode=mode, dtype=torch.bfloat16, group_size=group)
+    assert layer.dense == (mode == "int8" or (out_features % 64 == 0 and quantize.int4_layout_is_known()))
+    x = torch.randn(quantize.DENSE_FROM_ROWS + 8, 256)
+    expected = x @ reference(layer, linear).T + linear.bias.detach()
+    got = layer(x.bfloat16()).float()
+    assert (got - expected).abs().max() <= 1.5e-2 * expected.abs().max()
+    one_row = layer(x[:1].bfloat16()).float()  # the kernel: the same numbers, other roundings
+    assert (one_row - got[:1]).abs().max() <= 1.5e-2 * expected.abs().max()
+
+
+def test_unpack_int4_reads_the_packing_op():
+    """unpack_int4 reads the packing op's layout back (the dense int4 path relies on it). The layout is the
+    AVX-512 build's; elsewhere the check may say no, and int4 products then take the kernel."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("unpack_int4 reads the AVX-512 packing; on this CPU int4 products use the kernel")
+    assert quantize.int4_layout_is_known()
+    q = torch.randint(0, 16, (1152, 896), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(quantize.unpack_int4(packed, 896).to(torch.int32), q)
+    assert torch.equal(quantize.unpack_int4(packed[64:192], 896).to(torch.int32), q[64:192])  # any whole blocks
 
 
 @pytest.mark.parametrize("mode,group", MODES)

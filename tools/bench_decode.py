@@ -84,8 +84,8 @@ def model_resident_kib() -> int:
 def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
     """Load time and resident memory (VmRSS; peak: VmHWM) of a fresh process that loads the model with
     LLM.load; and, in another fresh process, what the model alone (loader.load_model: no tokenizer, no KV
-    pool; torch's threads and meta-device modules already started) adds to resident memory (model_resident_kib), against the bytes of
-    the tensors it holds."""
+    pool; after a first load of the bundled model in the same mode) adds to resident memory
+    (model_resident_kib), against the bytes of the tensors it holds."""
     tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
     head = (f"import sys, time; sys.path[:0] = [{root!r}, {tools!r}]\n"
             "import torch; from pathlib import Path; from minillm import LLM\n"
@@ -94,9 +94,10 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
                     "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)")
     alone = head + ("from minillm.config import load_config; from minillm.loader import load_model\n"
                     "from bench_decode import model_bytes, model_resident_kib\n"
-                    # torch's threads, and the Python modules behind the meta device (tens of MB), started first
-                    "x = torch.randn(4096, 1024); torch.nn.functional.linear(x[:1], x); x.abs().amax(1)\n"
-                    "with torch.device('meta'): torch.nn.Linear(2, 2)\n"
+                    # A first load costs about 66 MB that a second does not (torch's threads, Python modules,
+                    # kernels' first use: measured with the 5 MB bundled model); so load that one first.
+                    "from minillm.llm import bundled_model; tiny = bundled_model()\n"
+                    f"warm = load_model(tiny, load_config(tiny), getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
                     f"folder = Path({model!r}); config = load_config(folder); before = model_resident_kib()\n"
                     f"m = load_model(folder, config, getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
                     "print(before, model_resident_kib(), model_bytes(m))")
