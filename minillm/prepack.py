@@ -64,7 +64,9 @@ class PackedLinear(nn.Module):
             out = scratch[: shape[0] * shape[1]].view(shape) if self.onednn and scratch is not None else None
             weight = torch.cat([p.to(dtype) for p in parts], out=out)  # [sum of outs, in]
         else:
-            weight = parts[0].to(dtype, copy=True)  # [out, in]: a copy, so the original can be released
+            # [out, in]; kept for F.linear it must be a copy, so that the original can be released (a reorder
+            # below copies anyway: a copy here too would hold the largest matrix three times at the peak)
+            weight = parts[0].to(dtype, copy=not self.onednn)
         if self.onednn:
             # Packed for one-row inputs (decode, where bandwidth matters most); it serves any number of rows.
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque [out, in]

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import prepack
 from .errors import MinillmError
 from .model import CausalLM
 from .prepack import replace_linears
@@ -129,7 +130,10 @@ class QuantizedLinear(nn.Module):
         if scratch is None:
             scratch = torch.empty(min(self.out_features, DENSE_BLOCK) * self.in_features, dtype=dtype)
         self.scratch = scratch  # not a buffer: no weight, and not this layer's alone
-        self.dense = mode == "int8" or (self.out_features % 64 == 0 and int4_layout_is_known())
+        # The dense path needs oneDNN for this dtype (prepack.available), and for int4 whole 64-row blocks in a
+        # packed layout unpack_int4 can read; elsewhere every product takes the kernel.
+        self.dense = prepack.available(dtype, "cpu") and (
+            mode == "int8" or (self.out_features % 64 == 0 and int4_layout_is_known()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
