@@ -7,13 +7,13 @@ second), not arithmetic. Two things make it stream well, and both are done once,
 - **Stacking**: q, k and v read the same input, as do gate and up; each group becomes one matrix. One
   larger product streams memory better than several small ones, and makes fewer calls.
 - **The kernel that streams best for the dtype**, measured on the 2-core machines this engine is developed
-  on (a decode step's matrices, one row, read from memory, not cache; tools/bench_decode.py):
-  - bfloat16: F.linear's BLAS path reads 13-16 GB/s; oneDNN (PyTorch's "mkldnn" backend) reads 17-25 GB/s
+  on (a decode step's matrices, one row, read from memory, not cache; tools/bench_kernels.py):
+  - bfloat16: F.linear's BLAS path reads 11-17 GB/s; oneDNN (PyTorch's "mkldnn" backend) reads 17-23 GB/s
     once each weight is reordered into the blocked layout its kernels stream through. So bf16 weights are
     reordered: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies (torch.compile's
     CPU weight prepacking uses the same pair).
-  - float32: the other way round. MKL's gemv behind F.linear reads 24-27 GB/s on the plain layout, oneDNN's
-    packed one 20-24 (decode 10-15% slower in three separate runs; prefill the same). So float32 weights
+  - float32: the other way round. MKL's gemv behind F.linear reads 20-27 GB/s on the plain layout, oneDNN's
+    packed one 17-25 (decode 10-15% slower in three separate runs; prefill the same). So float32 weights
     are only stacked, and multiplied by F.linear. Except in exact mode (exact.py), which needs a row's
     result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
     property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
