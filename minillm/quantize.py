@@ -79,13 +79,22 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.cat([low.transpose(1, 2), high.transpose(1, 2)], dim=1).reshape(-1, in_features)
 
 
+def int4_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
+    """q [len(rows), in] (uint8, 0..15): the given rows of a packed matrix (unpack_int4's layout), gathered
+    one by one: row r is byte lane r % 32 of block r // 64, in the high nibbles if r % 64 >= 32."""
+    bytes_ = packed.view(-1, in_features, 32)[rows // 64, :, rows % 32]  # [len(rows), in]
+    return torch.where((rows % 64 >= 32)[:, None], bytes_ >> 4, bytes_ & 15)
+
+
 @functools.cache
 def int4_layout_is_known() -> bool:
     """Whether unpack_int4 reads this build's packing (it may differ with the CPU's vector width or the torch
     version); where it does not, int4 products take the kernel whatever their number of rows."""
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed.shape == (128, 32) and torch.equal(unpack_int4(packed, 64).to(torch.int32), q)
+    rows = torch.tensor([0, 31, 32, 63, 64, 100, 127])
+    return (packed.shape == (128, 32) and torch.equal(unpack_int4(packed, 64).to(torch.int32), q)
+            and torch.equal(int4_rows(packed, rows, 64).to(torch.int32), q[rows]))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
@@ -214,11 +223,30 @@ class QuantizedEmbedding(nn.Module):
         return self.q[tokens].to(self.scale.dtype) * self.scale[tokens, None]  # [N, hidden]
 
 
+class Int4HeadEmbedding(nn.Module):
+    """Token embeddings read from a tied int4 output head: each token's row gathered from the packed layout
+    (int4_rows) and dequantized with its groups' scales and zeros, so an int4 model holds that matrix once."""
+
+    def __init__(self, head: QuantizedLinear):
+        super().__init__()
+        self.register_buffer("q", head.q)                                # the head's, shared
+        self.register_buffer("scales_and_zeros", head.scales_and_zeros)  # [in / group, vocab, 2]
+        self.in_features, self.group_size = head.in_features, head.group_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = int4_rows(self.q, tokens, self.in_features).view(len(tokens), -1, self.group_size)  # [N, groups, group]
+        scale, zero = self.scales_and_zeros[:, tokens].permute(2, 1, 0)  # each [N, groups]
+        rows = (q.to(scale.dtype) - 8) * scale[..., None] + zero[..., None]
+        return rows.view(len(tokens), self.in_features)  # [N, hidden]
+
+
 def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE,
                      release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
     """Replace the model's nn.Linear modules by QuantizedLinear ones, in place (prepack.replace_linears:
-    stacked q/k/v and gate/up), the output head included, and the embedding table by a QuantizedEmbedding
-    (int8 in both modes: it is read a row per token, so its size costs memory, not decode speed)."""
+    stacked q/k/v and gate/up), the output head included. The embedding table is read a row per token, so its
+    size costs memory, not decode speed: tied to the head, its rows are read from the head's quantized matrix
+    (int8: QuantizedEmbedding on the head's own tensors; int4: Int4HeadEmbedding, where unpack_int4 reads the
+    layout); otherwise it becomes a table of its own, int8 (QuantizedEmbedding)."""
     embed = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embed
     c = model.rank_config
@@ -226,8 +254,12 @@ def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size:
     replace_linears(model, lambda *linears: QuantizedLinear(*linears, mode=mode, dtype=dtype, group_size=group_size,
                                                             scratch=scratch), release)
     head = model.lm_head
-    q, scale = (head.q, head.scale) if tied and mode == "int8" else quantize_int8_rows(embed.detach(), dtype)
-    model.model.embed_tokens = QuantizedEmbedding(q, scale)
+    if tied and mode == "int8":
+        model.model.embed_tokens = QuantizedEmbedding(head.q, head.scale)
+    elif tied and head.out_features % 64 == 0 and int4_layout_is_known():
+        model.model.embed_tokens = Int4HeadEmbedding(head)
+    else:
+        model.model.embed_tokens = QuantizedEmbedding(*quantize_int8_rows(embed.detach(), dtype))
     release(embed)
     del embed  # the last reference to the float table: it is freed before the heap is trimmed
     return_freed_memory()

@@ -99,20 +99,26 @@ def test_stacked_parts_equal_separate_layers():
         assert (stacked - alone).abs().max() <= 1e-5 * alone.abs().max()
 
 
-@pytest.mark.parametrize("mode,tied", [("int8", True), ("int8", False), ("int4", True)])
-def test_embeddings_are_int8_rows_shared_with_a_tied_int8_head(checkpoint, mode, tied):
-    """A lookup gives the dequantized int8 rows of the checkpoint's table. With tied embeddings and int8
-    weights the table is the output projection's own int8 matrix (one copy, not two); otherwise (an untied
-    table, or an int4 head whose packed layout has no rows) it is the table quantized on its own."""
+@pytest.mark.parametrize("mode,tied", [("int8", True), ("int8", False), ("int4", True), ("int4", False)])
+def test_embedding_rows_come_from_the_tied_head_or_an_int8_table(checkpoint, mode, tied):
+    """A lookup gives the dequantized rows of the checkpoint's table. Tied to an int8 head, the table is the
+    head's own int8 matrix; tied to an int4 head, rows are gathered from its packed layout (where unpack_int4
+    reads this CPU's packing); an untied table is quantized on its own, int8 per row."""
     folder = checkpoint("qwen2", tie_word_embeddings=tied)
     plain = LLM.load(folder, dtype="float32", prepack=False).model
     model = LLM.load(folder, dtype="float32", quantize=mode).model
-    embed = model.model.embed_tokens
-    assert isinstance(embed, QuantizedEmbedding) and embed.q.dtype == torch.int8
-    assert (embed.q.data_ptr() == model.lm_head.q.data_ptr()) == (tied and mode == "int8")
-    tokens = torch.tensor([0, 5, 5, 17, plain.config.vocab_size - 1])
-    expected = dequantize(*quantize_int8(plain.model.embed_tokens.weight.detach()))[tokens]
-    assert torch.equal(embed(tokens), expected)
+    embed, head = model.model.embed_tokens, model.lm_head
+    table = plain.model.embed_tokens.weight.detach()
+    tokens = torch.tensor([0, 5, 5, 17, 31, 32, 63, 64, 100, plain.config.vocab_size - 1])
+    from_head = tied and (mode == "int8" or quantize.int4_layout_is_known())
+    assert (embed.q.data_ptr() == head.q.data_ptr()) == from_head  # one copy of that matrix, not two
+    if from_head and mode == "int4":
+        assert isinstance(embed, quantize.Int4HeadEmbedding)
+        expected = dequantize(*quantize_int4(table, head.group_size), group_size=head.group_size)[tokens]
+        assert (embed(tokens) - expected).abs().max() <= 1e-6 * expected.abs().max()  # the same formula
+    else:
+        assert isinstance(embed, QuantizedEmbedding) and embed.q.dtype == torch.int8
+        assert torch.equal(embed(tokens), dequantize(*quantize_int8(table))[tokens])
     assert all(p.dim() == 1 for p in model.parameters())  # norms only: no float matrix (the table) is left
 
 
