@@ -48,7 +48,9 @@ def test_shared_prefix_sweep_counts_every_request_and_the_cache_hits(server, fol
         assert r["cache_hit_rate"] > 0.3  # 4 of 6 prompts reuse their group's prefix
         assert r["ttft_ms"]["median"] <= r["e2e_ms"]["median"] and r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"]
         assert len(r["ttft_samples_ms"]) == 6 and r["tpot_ms"]["mean"] > 0
-        assert r["output_token_throughput"] == pytest.approx(30 / r["duration_s"], rel=0.01)
+        # duration_s is rounded to the millisecond, which at a run of ~30 ms is worth more than 1%
+        slowest, fastest = 30 / (r["duration_s"] + 0.0005), 30 / (r["duration_s"] - 0.0005)
+        assert slowest - 0.01 <= r["output_token_throughput"] <= fastest + 0.01
     if (tmp_path / "sweep.png").exists():  # matplotlib is an optional extra
         assert (tmp_path / "sweep.png").stat().st_size > 1000
 
