@@ -8,7 +8,7 @@ second), not arithmetic. Two things make it stream well, and both are done once,
   larger product streams memory better than several small ones, and makes fewer calls.
 - **The kernel that streams best for the dtype**, measured on the 2-core machines this engine is developed
   on (a decode step's matrices, one row, read from memory, not cache; tools/bench_kernels.py):
-  - bfloat16: F.linear's BLAS path reads 11-17 GB/s; oneDNN (PyTorch's "mkldnn" backend) reads 17-23 GB/s
+  - bfloat16: F.linear's BLAS path reads 11-17 GB/s; oneDNN (PyTorch's "mkldnn" backend) reads 17-25 GB/s
     once each weight is reordered into the blocked layout its kernels stream through. So bf16 weights are
     reordered: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies (torch.compile's
     CPU weight prepacking uses the same pair).

@@ -1,8 +1,9 @@
 """Weight-only quantization: int8 with a scale per output channel, int4 with a scale and zero per group.
 
 Decoding one token reads every weight once, so its speed is bytes per token: int8 halves bf16's bytes
-and int4 quarters them. Only the weights are quantized (the matrices, and the embedding table as int8 rows:
-QuantizedEmbedding); activations, the KV cache, norms and every sum stay in the model's dtype, and the
+and int4 quarters them. Only the weights are quantized (the matrices; the embedding table is read from the
+quantized head when tied, else kept as int8 rows); activations, the KV cache, norms and every sum stay in
+the model's dtype, and the
 products dequantize on the fly inside PyTorch's own CPU kernels (the ones gpt-fast uses):
 
 - int8: w ~= q * scale[row], q in -127..127, scale = max |w| of the row / 127 (symmetric).
@@ -11,6 +12,9 @@ products dequantize on the fly inside PyTorch's own CPU kernels (the ones gpt-fa
   q in 0..15, the group's minimum mapped to 0 and its maximum to 15 (asymmetric: a group need not be
   centred on zero). aten._convert_weight_to_int4pack_for_cpu packs q two to a byte once, at load;
   aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros [in / group, out, 2]).
+
+Those kernels are written for a few rows (decode). A product of DENSE_FROM_ROWS rows or more (prefill)
+dequantizes W a block of rows at a time and runs oneDNN's dense kernel instead (QuantizedLinear._dense_product).
 
 Quantization happens at load time, from the checkpoint's own weights (loader.py), replacing each
 nn.Linear the way prepack.py does: q, k and v stacked into one matrix, gate and up into another, so
@@ -125,7 +129,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("q", q)          # [out, in] int8
             self.register_buffer("scale", scale)  # [out]
         else:
-            # Packed ROWS_AT_ONCE rows at a time (the packed layout keeps whole rows: blocks stack exactly),
+            # Packed ROWS_AT_ONCE rows at a time (the op packs blocks of 64 rows, so the pieces stack exactly),
             # into outputs allocated first: no int32 copy of a whole matrix, no hole left in the heap.
             self.register_buffer("q", torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8))
             self.register_buffer("scales_and_zeros", torch.empty(self.in_features // group_size, self.out_features, 2,
