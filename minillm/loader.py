@@ -167,7 +167,7 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
     model.weight_form = "plain"  # what the matrices became: the disk tier keeps KV of each form apart
     if prepack:
-        packing.prepack_linears(model, dtype, release, onednn=dtype == torch.bfloat16 or exact)
+        packing.prepack_linears(model, dtype, release, exact)
         model.weight_form = "prepacked"
     if quantize is not None:
         quantization.quantize_linears(model, quantize, dtype, group_size, release)

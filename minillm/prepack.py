@@ -111,9 +111,10 @@ def replace_linears(model: CausalLM, build: Callable[..., nn.Module],
         swap(layer.mlp, "down_proj", ["down_proj"])
 
 
-def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None], onednn: bool) -> None:
-    """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears); onednn: reorder them
-    for oneDNN (bfloat16; float32 in exact mode), their parts stacked in one reusable scratch buffer."""
+def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None], exact: bool) -> None:
+    """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears), reordered for oneDNN in
+    bfloat16 and, for exact mode, in float32 too (above); parts to reorder are stacked in one scratch buffer."""
+    onednn = dtype == torch.bfloat16 or exact
     c = model.rank_config  # this rank's shapes (the whole model's on one rank)
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
     scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype) if onednn else None

@@ -143,10 +143,10 @@ class QuantizedLinear(nn.Module):
         if scratch is None:
             scratch = torch.empty(min(self.out_features, DENSE_BLOCK) * self.in_features, dtype=dtype)
         self.scratch = scratch  # not a buffer: no weight, and not this layer's alone
-        # The dense path needs oneDNN for this dtype (prepack.available), and for int4 whole 64-row blocks in a
-        # packed layout unpack_int4 can read; elsewhere every product takes the kernel.
-        self.dense = prepack.available(dtype, "cpu") and (
-            mode == "int8" or (self.out_features % 64 == 0 and int4_layout_is_known()))
+        # Rows of W can be read back: int8 always; int4 in whole 64-row blocks of a layout unpack_int4 reads.
+        self.rows_readable = mode == "int8" or (self.out_features % 64 == 0 and int4_layout_is_known())
+        # The dense path needs them, and oneDNN for this dtype; elsewhere every product takes the kernel.
+        self.dense = self.rows_readable and prepack.available(dtype, "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -260,7 +260,7 @@ def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size:
     head = model.lm_head
     if tied and mode == "int8":
         model.model.embed_tokens = QuantizedEmbedding(head.q, head.scale)
-    elif tied and head.out_features % 64 == 0 and int4_layout_is_known():
+    elif tied and head.rows_readable:
         model.model.embed_tokens = Int4HeadEmbedding(head)
     else:
         model.model.embed_tokens = QuantizedEmbedding(*quantize_int8_rows(embed.detach(), dtype))
