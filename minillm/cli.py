@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     srv.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this are waiting")
     srv.add_argument("--served-model-name", help="the model id clients send (default: --model, or minillm-bundled)")
+    srv.add_argument("--max-body-mb", type=float, default=4,
+                     help="answer 413 to request bodies larger than this (default 4)")
     ver = commands.add_parser("verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint")
     ver.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
     ver.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
@@ -237,6 +239,22 @@ def chat(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    """Load the model, then hand it to the HTTP server (server.py), which steps it on this thread."""
+    try:
+        from .server import ServerSettings, serve as run_server
+    except ImportError as e:
+        raise MinillmError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
+                           "pip install 'minillm[serve]'") from None
+    if args.max_body_mb <= 0:
+        raise MinillmError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    settings = ServerSettings(
+        model_name=args.served_model_name or (args.model if args.model else "minillm-bundled"), host=args.host,
+        port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+        max_body_bytes=int(args.max_body_mb * 2**20))
+    return run_server(load_llm(args), settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -245,11 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return verify(args)
         if args.command == "serve":
-            try:
-                from .server import serve
-            except ImportError as e:
-                raise MinillmError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
-                                   "pip install 'minillm[serve]'") from None
             return serve(args)
         return {"generate": generate, "chat": chat, "cache": cache}[args.command](args)
     except MinillmError as e:

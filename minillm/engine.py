@@ -5,7 +5,8 @@
                     each request that got logits picks its token with its own sampler, finished requests
                     hand their KV to the prefix cache
 
-A lone request is a batch of one: the same path. The engine's state is touched by one thread only, the one
+A lone request is a batch of one: the same path. A failure in one request's own part of a step (choosing its
+token, its stop strings, its stream) ends that request alone; only a failed forward fails the batch (_accept). The engine's state is touched by one thread only, the one
 that calls step(): submit and abort may come from any thread (they go through a queue). A server calls
 `serve()` on its main thread, which steps while there is work and sleeps while there is none, and its
 handlers read their requests' text from other threads. (Why the main thread: on CPU, PyTorch's parallel
@@ -16,6 +17,7 @@ for programs that need their main thread.)
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Callable
@@ -28,6 +30,8 @@ from .model import CausalLM
 from .request import Request, RequestHandle
 from .scheduler import Scheduler, Work
 from .tensor_parallel import RankFailure
+
+log = logging.getLogger("minillm.engine")
 
 IDLE_WAIT_S = 0.1  # an idle serve() loop sleeps on the submission queue this long between should_stop() checks
 
@@ -103,7 +107,7 @@ class Engine:
             for segment, w in tile:
                 row = next(logits) if segment.logit_row is not None else None
                 if w is not None:
-                    w.request.accept(row[None])
+                    self._accept(w.request, row[None])
         for w in works:
             r = w.request
             r.num_computed += w.length
@@ -111,6 +115,19 @@ class Engine:
                 self.scheduler.cache_prompt(r)
             if r.finished:
                 self.scheduler.release(r)
+
+    @staticmethod
+    def _accept(r: Request, logits: torch.Tensor) -> None:
+        """r picks its next token from its logits [1, vocab]. What can fail here is r's alone (its sampler, its
+        logprobs, its stop strings, its stream): such a failure ends r with the error and the rest of the batch
+        goes on. r is then finished, so the bookkeeping after the forward releases its slots as for any
+        finished request; only a failure of the shared forward itself fails everyone (step())."""
+        try:
+            r.accept(logits)
+        except Exception as e:
+            log.warning("request %d failed in its own part of a step (%r); the other requests go on", r.id, e)
+            if not r.finished:
+                r.finish("error", e)
 
     @staticmethod
     def _segment(w: Work) -> forward_batch.Segment:

@@ -13,14 +13,15 @@ or after max_new_tokens (finish_reason "stop" or "length").
 from __future__ import annotations
 
 import atexit
+import numbers
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from . import disk_cache
+from . import disk_cache, limits
 from . import exact as exact_mode
 from . import quantize as quantization
 from . import ranks
@@ -39,6 +40,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_KV_MB = 1024
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_PREFILL_TOKENS = 512
+TEXT_MARGIN = 4  # see prompt_ids
 
 
 def bundled_model() -> Path:
@@ -49,6 +51,11 @@ def bundled_model() -> Path:
         if (folder / "config.json").is_file():
             return folder
     raise MinillmError(f"no model given and the bundled model is missing (looked in {here / 'weights'}); pass --model")
+
+
+def _is_token_id(value) -> bool:
+    """An int of any kind (numpy's too); not a float, a string or a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -212,19 +219,41 @@ class LLM:
     def prompt_ids(self, prompt: str | list[int], in_pool: bool = True) -> list[int]:
         """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids.
         in_pool: it must also fit the KV pool (not for logits(), which keeps no KV)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        limit = min(self.config.context_length, self.engine.pool.num_slots if in_pool else self.config.context_length)
+        where = "model's context" if limit == self.config.context_length else "KV pool (raise --kv-mb)"
+        if isinstance(prompt, str):
+            ids = self._text_ids(prompt, limit, where)
+        elif isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise MinillmError(f"a prompt must be text or a list of token ids, got {prompt!r:.60}")
         if not ids or prompt == "":  # "" alone may still encode to a BOS token
             raise MinillmError("the prompt is empty; give some text or token ids")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise MinillmError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        limit = min(self.config.context_length, self.engine.pool.num_slots if in_pool else self.config.context_length)
         if len(ids) >= limit:
-            where = "model's context" if limit == self.config.context_length else "KV pool (raise --kv-mb)"
             raise MinillmError(
                 f"the prompt has {len(ids)} tokens but the {where} holds {limit} (prompt plus at least one new token); shorten it"
             )
         return ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered by the checkpoint's chat template (checked as prompt_ids checks
+        ids: not empty, within the context and the KV pool)."""
+        text = self.tokenizer.apply_chat_template(messages)
+        limit = min(self.config.context_length, self.engine.pool.num_slots)
+        return self.prompt_ids(self._text_ids(text, limit, "model's context or KV pool", special_tokens=False))
+
+    def _text_ids(self, text: str, limit: int, where: str, special_tokens: bool = True) -> list[int]:
+        """Tokenize text, unless its size alone shows it is far too long for `limit` tokens: it has at least
+        bytes / max_token_bytes tokens (tokenizer.py), and refusing it untokenized spares the tokenizer's
+        time and memory (about 300 bytes per character). TEXT_MARGIN covers normalizers that shrink text."""
+        size = len(text.encode("utf-8", errors="replace"))
+        if size > TEXT_MARGIN * self.tokenizer.max_token_bytes * limit:
+            raise MinillmError(f"the prompt has {size} bytes of text, far more than the {where} holds "
+                               f"({limit} tokens); shorten it")
+        return self.tokenizer.encode(text, add_special_tokens=special_tokens)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -240,8 +269,7 @@ class LLM:
                 use_prefix_cache: bool = True, return_logits: bool = False, logprobs: int | None = None,
                 ignore_eos: bool = False, **sampling_options) -> Request:
         """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
-        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed")
+        names = [f.name for f in fields(SamplingParams)]
         unknown = set(sampling_options) - set(names)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -249,16 +277,17 @@ class LLM:
         sampling = SamplingParams(
             **{n: getattr(base, n) if sampling_options.get(n) is None else sampling_options[n] for n in names}
         )
-        max_new_tokens = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new_tokens < 1:
-            raise MinillmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        sampler = Sampler(sampling)  # validates the settings
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise MinillmError(f"logprobs must be between 0 and 20 (alternatives per token), got {logprobs}")
+        sampler = Sampler(sampling)  # checks the sampling settings (limits.py)
+        max_new_tokens = limits.check("max_new_tokens", max_new_tokens) or self.defaults.max_new_tokens
+        limits.check("logprobs", logprobs)
+        stops = limits.check_stop(stop)
+        for name, flag in (("use_prefix_cache", use_prefix_cache), ("return_logits", return_logits),
+                           ("ignore_eos", ignore_eos)):
+            limits.check_flag(name, flag)
         ids = self.prompt_ids(prompt)
         eos_ids = set() if ignore_eos else set(self.defaults.eos_token_ids)
         return Request(
-            ids, sampler, StopStrings([stop] if isinstance(stop, str) else list(stop or [])),
+            ids, sampler, StopStrings(stops),
             StreamDecoder(self.tokenizer), min(max_new_tokens, self.config.context_length - len(ids)),
             eos_ids, use_prefix_cache, return_logits, logprobs, self.config.vocab_size,
         )
@@ -275,9 +304,19 @@ class LLM:
         each token's logprob and this many alternatives in Completion.logprobs), ignore_eos (go on past
         end-of-sequence tokens, to max_new_tokens or a stop string: what benchmarks use). Unset options take
         the checkpoint's generation_config.json defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if isinstance(prompt, list) and prompt and not _is_token_id(prompt[0]):
             requests = [self.request(p, **options) for p in prompt]  # all checked before any runs
-            return [h.result() for h in [self.engine.submit(r) for r in requests]]
+            handles = [self.engine.submit(r) for r in requests]
+            for h in handles:  # every request runs to its end, even if an earlier one failed alone
+                try:
+                    h.result()
+                except Exception:
+                    if h.request.error is None:  # not the request's own failure
+                        raise
+            failed = next((r.error for r in requests if r.error is not None), None)
+            if failed is not None:
+                raise failed
+            return [h.completion for h in handles]
         return self.submit(prompt, **options).result()
 
     def stream(self, prompt: str | list[int], **options) -> RequestHandle:

@@ -7,9 +7,11 @@ silently ignored (a server that drops `stop` or `n` gives wrong answers with a 2
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
+from . import limits
 from .request import Completion, TokenLogprob
 
 # Fields that change nothing about the result; accepted and not used.
@@ -22,6 +24,14 @@ FIELDS = {
     "chat": COMMON | {"messages", "top_logprobs"},
 }
 MAX_N = 16
+MAX_STOPS = 4  # OpenAI's limit
+DEFAULT_ONLY = {"echo": False, "suffix": None, "best_of": 1}  # fields refused unless they ask for the default
+# Body fields that are generation settings, and their names in LLM.generate (checked by limits.py). The
+# first of two fields for one setting wins.
+OPTION_OF_FIELD = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+                   **{name: name for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                              "presence_penalty", "frequency_penalty", "seed")}}
+FIELD_OF_OPTION = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "stop": "stop"}
 
 
 class ApiError(Exception):
@@ -59,34 +69,35 @@ def parse(body, endpoint: str, model_name: str) -> dict:
     if model is not None and model != model_name:
         raise ApiError(400, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
                        code="model_not_found")
-    for name, wanted in (("echo", False), ("suffix", None), ("best_of", None)):
-        if name in body and body[name] not in (wanted, 1):
-            raise ApiError(400, f"'{name}' is not supported", name)
+    for name, default in DEFAULT_ONLY.items():  # type too: in Python True == 1 and 1 == 1.0
+        if name in body and not (type(body[name]) is type(default) and body[name] == default):
+            raise ApiError(400, f"'{name}' is not supported (only its default, {json.dumps(default)})", name)
     options = {}
-    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    if max_tokens is not None:
-        options["max_new_tokens"] = max_tokens
-    for name, kind, low, high in (("temperature", float, 0, 2), ("top_p", float, 0, 1), ("top_k", int, -1, None),
-                                  ("min_p", float, 0, 1), ("repetition_penalty", float, 0, None),
-                                  ("presence_penalty", float, -2, 2), ("frequency_penalty", float, -2, 2),
-                                  ("seed", int, None, None)):
-        value = _number(body, name, kind, low, high)
-        if value is not None:
-            options[name] = max(value, 0) if name == "top_k" else value  # -1 means off, as in vLLM
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
-        options["stop"] = stop
+    for field, option in OPTION_OF_FIELD.items():  # types and ranges: the engine's own (limits.py)
+        value = body.get(field)
+        if value is None or option in options:  # max_completion_tokens wins over max_tokens
+            continue
+        if option == "top_k" and value == -1 and not isinstance(value, bool):
+            value = 0  # -1 means off, as in vLLM
+        try:
+            options[option] = limits.check(option, value)
+        except limits.InvalidSetting as e:
+            raise ApiError(400, str(e), field) from None
+    n = _number(body, "n", int, 1, MAX_N) or 1
+    if options.get("seed") is not None and options["seed"] + n - 1 > limits.SEED_MAX:
+        raise ApiError(400, f"'seed' + n - 1 (the last choice's seed) must be at most {limits.SEED_MAX}", "seed")
+    try:
+        options["stop"] = limits.check_stop(body.get("stop"))
+    except limits.InvalidSetting as e:
+        raise ApiError(400, str(e), "stop") from None
+    if len(options["stop"]) > MAX_STOPS:
+        raise ApiError(400, f"'stop' may hold at most {MAX_STOPS} strings", "stop")
     options["logprobs"] = _logprobs(body, endpoint)
     ignore_eos = body.get("ignore_eos", False)  # vLLM's, SGLang's and llama-server's extension
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
     if ignore_eos:
         options["ignore_eos"] = True
-    n = _number(body, "n", int, 1, MAX_N) or 1
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")

@@ -53,7 +53,8 @@ class Completion:
     text: str  # generated text, stop string and everything after it removed
     token_ids: list[int]  # generated ids only (an EOS id that ended generation is included)
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens, context or KV pool full), "abort"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens, context or KV pool full), "abort",
+    # or "error" (the request failed: engine.py's failure isolation; LLM.generate raises the error)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     computed_tokens: int = 0  # prompt tokens prefilled by the model (prompt_tokens - cached_tokens)
     prefill_s: float = 0.0  # from admission to the first token (the prompt's prefill, maybe in chunks)
@@ -179,9 +180,14 @@ class Request:
         """Mark the request done and release the rest of its text (the engine frees its KV)."""
         self.finish_reason, self.error = reason, error
         self.finish_time = time.perf_counter()
-        if not self.stops.stopped and error is None:
-            self._emit(self.stops.feed(self.detok.flush()) + self.stops.finish())
-        self.pieces.put(DONE)
+        try:
+            if not self.stops.stopped and error is None:
+                self._emit(self.stops.feed(self.detok.flush()) + self.stops.finish())
+        except Exception as e:  # the text's tail could not be decoded: the request failed after all
+            self.finish_reason, self.error = "error", e
+            raise
+        finally:
+            self.pieces.put(DONE)  # whatever happened, the reader learns that nothing more comes
 
     def completion(self) -> Completion:
         cached = self.cached_tokens or 0

@@ -5,17 +5,36 @@ Order and formulas follow transformers' generate(), so the same seed picks the s
 OpenAI's presence and frequency penalties (which transformers lacks) apply right after the repetition
 penalty, over the tokens generated so far, as vLLM applies them.
 Each processor works on logits [1, vocab] in float32 and removes tokens by setting them to -inf.
+
+Every legal setting gives a token, never an error (limits.py says what is legal). Three edges need care,
+because transformers' formulas turn them into NaN probabilities and torch.multinomial then raises:
+  * a temperature below GREEDY_BELOW is greedy (as in vLLM): dividing logits by 1e-40 overflows float32;
+  * a processor whose arithmetic overflows (a repetition penalty of 1e-300 divides a positive logit into
+    +inf) is clamped to the largest finite float32 wherever its input was finite, so -inf keeps meaning
+    "removed" and nothing else becomes infinite; settings beyond float32's own range (1e-300 is 0 there,
+    1e300 is inf) are applied in float64 or capped, so no 0 / 0 or inf / inf arises;
+  * a model's +inf logits mean "infinitely more likely than the rest": only those tokens stay, equally
+    likely. NaN logits, or none above -inf, have no meaning: that request fails alone (engine.py).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from .errors import MinillmError
+from .limits import LIMITS
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+
+
+class BadLogits(MinillmError):
+    """The model's logits for a row cannot be sampled from (NaN, or every token at -inf)."""
 
 
 @dataclass
@@ -30,23 +49,15 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same settings -> same tokens
 
     def validate(self) -> None:
-        def bad(what: str) -> MinillmError:
-            return MinillmError(f"invalid sampling setting: {what}")
+        """Each field against its limit (limits.py): InvalidSetting naming the first bad one."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.name != "seed":
+                LIMITS[f.name].check(f.name, value)
 
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not -2 <= value <= 2:  # OpenAI's range
-                raise bad(f"{name} must be in [-2, 2], got {value}")
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def counts_output(self) -> bool:
@@ -58,8 +69,19 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     """Make every token in `seen` (prompt and output ids) less likely: positive logits are divided by the
     penalty, negative ones multiplied (dividing a negative logit would raise it)."""
     scores = torch.gather(logits, 1, seen[None])
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen[None], scores)
+    # float32 arithmetic would turn a penalty outside its range into 0 or inf (then 0 / 0 = NaN): use float64
+    wide = scores if FLOAT32_TINY <= penalty <= FLOAT32_MAX else scores.double()
+    penalized = torch.where(wide < 0, wide * penalty, wide / penalty).float()
+    return logits.scatter(1, seen[None], finite_where_finite(penalized, scores))
+
+
+def finite_where_finite(result: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """result clamped to float32's finite range where `before` was finite: an extreme but legal setting
+    must not overflow a logit into +-inf (and then NaN probabilities). A no-op unless something overflowed."""
+    overflowed = torch.isinf(result) & torch.isfinite(before)
+    if not bool(overflowed.any()):
+        return result
+    return torch.where(overflowed, result.clamp(-FLOAT32_MAX, FLOAT32_MAX), result)
 
 
 def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
@@ -98,6 +120,19 @@ def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, -math.inf)
 
 
+def only_samplable(logits: torch.Tensor) -> torch.Tensor:
+    """logits [1, vocab] as they can be sampled from: unchanged, or, if some are +inf, those tokens alone
+    (logit 0, the rest -inf). BadLogits if any is NaN or none is above -inf. One reduction in the common case."""
+    top = float(logits.max())  # NaN if any logit is NaN
+    if math.isnan(top):
+        raise BadLogits("the model's logits for this request contain NaN")
+    if top == -math.inf:
+        raise BadLogits("the model gave every token a logit of -inf")
+    if top == math.inf:
+        return torch.where(torch.isposinf(logits), 0.0, -math.inf)
+    return logits
+
+
 class Sampler:
     """Picks tokens for one request; holds the request's random generator so its seed governs every draw."""
 
@@ -115,9 +150,10 @@ class Sampler:
             logits = repetition_penalty(logits, seen, p.repetition_penalty)
         if p.counts_output:
             logits = presence_frequency_penalty(logits, counts, p.presence_penalty, p.frequency_penalty)
-        if p.temperature == 0:
+        if p.greedy:
             return logits
-        logits = logits / p.temperature
+        # a temperature beyond float32's range would become inf, and -inf / inf is NaN
+        logits = finite_where_finite(logits / min(p.temperature, FLOAT32_MAX), logits)
         if p.top_k > 0:
             logits = top_k(logits, p.top_k)
         if p.top_p < 1.0:
@@ -127,8 +163,8 @@ class Sampler:
         return logits
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> int:
-        logits = self.process(logits, seen, counts)
-        if self.params.temperature == 0:
+        logits = self.process(only_samplable(logits), seen, counts)
+        if self.params.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits, dim=1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

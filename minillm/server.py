@@ -14,6 +14,7 @@ errors, chunks) lives in openai_api.py; this file is the HTTP plumbing, metrics 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import signal
@@ -21,19 +22,25 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
 from . import openai_api
 from .errors import MinillmError
+from .limits import InvalidSetting
 from .openai_api import ApiError
 from .request import DONE, Request
 
 log = logging.getLogger("minillm.server")
+
+DEFAULT_MAX_BODY_MB = 4  # a 128k-token prompt is about 0.5 MB of text, or 1 MB as JSON token ids
+TRIM_AFTER_BYTES = 2**20  # after a body this large, give the freed heap back (return_freed_memory)
 
 
 class _LoopSink:
@@ -44,7 +51,10 @@ class _LoopSink:
         self.loop, self.queue, self.index = loop, queue, index
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody reads this
+            pass
 
 
 class Metrics:
@@ -91,171 +101,234 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(llm, model_name: str, api_key: str | None = None, max_waiting: int | None = None):
+@dataclass
+class ServerSettings:
+    """What `python -m minillm serve` adds to the engine's settings."""
+
+    model_name: str  # the id clients send as "model"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # then /v1 wants "Authorization: Bearer <key>"
+    max_waiting: int | None = None  # 429 beyond this many waiting requests
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20  # 413 beyond this
+
+
+class App:
+    """The routes' shared state: the LLM (whose engine another thread steps), the settings, the metrics."""
+
+    def __init__(self, llm, settings: ServerSettings):
+        self.llm, self.engine, self.settings = llm, llm.engine, settings
+        self.metrics = Metrics(llm)
+
+    def check_key(self, http: HttpRequest) -> None:
+        key = self.settings.api_key
+        if key is not None and http.headers.get("authorization") != f"Bearer {key}":
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           kind="authentication_error", code="invalid_api_key")
+
+    def token_text(self, token: int) -> str:
+        return self.llm.tokenizer.decode([token], skip_special_tokens=False)
+
+    def abort_unfinished(self, requests: list[Request]) -> None:
+        for r in requests:
+            if r.finish_reason is None:
+                self.engine.abort(r)
+                self.metrics.requests.labels("abort").inc()
+
+
+async def read_body(http: HttpRequest, limit: int) -> bytes:
+    """The request's body, refused with 413 as soon as it is known to exceed `limit` bytes (from its
+    Content-Length, before reading anything, or while reading a body sent without one)."""
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {int(declared)} bytes, more than this server accepts "
+                       f"({limit}; see --max-body-mb)", code="body_too_large")
+    body = bytearray()
+    async for piece in http.stream():
+        body += piece
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is larger than this server accepts ({limit} bytes; see "
+                           "--max-body-mb)", code="body_too_large")
+    return bytes(body)
+
+
+def build_requests(llm, body: bytes, endpoint: str, model_name: str) -> tuple[dict, list[Request]]:
+    """From the raw body to checked engine requests, or ApiError: JSON, the wire format's fields
+    (openai_api.parse), then each prompt tokenized (or a chat rendered) and each setting checked
+    (LLM.request, limits.py). n requests per prompt: choice j's seed is seed + j, so the choices differ and
+    each is reproducible; identical prompts make the scheduler prefill once and the others reuse it.
+    Runs in a worker thread: a long prompt takes seconds to tokenize, which the event loop must not wait for."""
+    try:
+        parsed = openai_api.parse(json.loads(body), endpoint, model_name)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    requests = []
+    for prompt in parsed["prompts"]:
+        try:
+            ids = llm.chat_ids(prompt) if endpoint == "chat" else llm.prompt_ids(prompt)
+            for j in range(parsed["n"]):
+                options = dict(parsed["options"])
+                if options.get("seed") is not None:
+                    options["seed"] += j
+                requests.append(llm.request(ids, **options))
+        except InvalidSetting as e:
+            raise ApiError(400, str(e), openai_api.FIELD_OF_OPTION.get(e.name, e.name)) from None
+        except MinillmError as e:
+            raise ApiError(400, str(e), "messages" if endpoint == "chat" else "prompt") from None
+    return parsed, requests
+
+
+async def generate(app: App, http: HttpRequest, endpoint: str):
+    app.check_key(http)
+    try:
+        body = await read_body(http, app.settings.max_body_bytes)
+    except ClientDisconnect:  # the client left while sending: nobody to answer
+        log.info("a client disconnected while sending its request")
+        return Response(status_code=499)
+    try:
+        parsed, requests = await asyncio.to_thread(build_requests, app.llm, body, endpoint, app.settings.model_name)
+    finally:
+        if len(body) >= TRIM_AFTER_BYTES:  # a large prompt's tokenizing left hundreds of MB with the allocator
+            await asyncio.to_thread(return_freed_memory)
+    max_waiting = app.settings.max_waiting
+    if max_waiting is not None and len(app.engine.scheduler.waiting) + len(requests) > max_waiting:
+        raise ApiError(429, f"too many requests waiting (limit {max_waiting}); retry later",
+                       kind="rate_limit_error", code="queue_full")
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for i, r in enumerate(requests):
+        r.pieces = _LoopSink(loop, queue, i)
+        app.engine.submit(r)
+    request_id = openai_api.new_id(endpoint)
+    if parsed["stream"]:
+        return StreamingResponse(stream(app, requests, queue, endpoint, request_id, parsed),
+                                 media_type="text/event-stream")
+    try:
+        remaining = len(requests)
+        while remaining:
+            _, item = await queue.get()
+            remaining -= item is DONE
+    finally:
+        app.abort_unfinished(requests)
+    failed = next((r for r in requests if r.error is not None), None)
+    if failed is not None:
+        raise ApiError(500, f"generation failed: {failed.error}", kind="server_error")
+    for r in requests:
+        app.metrics.finished(r)
+    completions = [r.completion() for r in requests]
+    return openai_api.response(endpoint, request_id, app.settings.model_name, completions, parsed["n"],
+                               app.token_text)
+
+
+async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str,
+                 parsed: dict):
+    """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
+    usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished."""
+    model_name = app.settings.model_name
+
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    sent_logprobs = [0] * len(requests)
+    offsets = [0] * len(requests)
+    started = [False] * len(requests)
+
+    def logprobs(i: int):
+        r = requests[i]
+        if r.logprobs is None:
+            return None
+        items = r.token_logprobs[sent_logprobs[i] :]
+        sent_logprobs[i] += len(items)
+        out = openai_api.logprobs_json(items, endpoint, app.token_text, offsets[i])
+        if endpoint == "completions":
+            offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
+
+    try:
+        remaining = len(requests)
+        while remaining:
+            i, item = await queue.get()
+            if item is DONE:
+                remaining -= 1
+                r = requests[i]
+                if r.error is not None:
+                    yield event({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
+                                           "param": None, "code": None}})
+                    continue
+                app.metrics.finished(r)
+                yield event(openai_api.chunk(endpoint, request_id, model_name, i, None, r.finish_reason,
+                                             logprobs(i), first=not started[i]))
+            else:
+                yield event(openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i),
+                                             first=not started[i]))
+            started[i] = True
+        if parsed["include_usage"]:
+            yield event(openai_api.usage_chunk(endpoint, request_id, model_name,
+                                               [r.completion() for r in requests], parsed["n"]))
+        yield "data: [DONE]\n\n"
+    finally:
+        app.abort_unfinished(requests)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): Python and the
+    tokenizer free a large request's memory, but the allocator keeps it for the process otherwise."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def create_app(llm, settings: ServerSettings) -> FastAPI:
     """The FastAPI application; something must step llm.engine (serve() below, or engine.start())."""
-    engine = llm.engine
-    metrics = Metrics(llm)
+    app = App(llm, settings)
 
     @asynccontextmanager
-    async def lifespan(app):
-        print(f"minillm: serving {model_name} at http://{app.state.address}/v1 (Ctrl-C to stop)", file=sys.stderr,
-              flush=True)
+    async def lifespan(_):
+        print(f"minillm: serving {settings.model_name} at http://{settings.host}:{settings.port}/v1 "
+              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
         yield
 
-    app = FastAPI(title="minillm", lifespan=lifespan)
-    app.state.address = "127.0.0.1"
+    api = FastAPI(title="minillm", lifespan=lifespan)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, error: ApiError):
+    @api.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
 
-    def check_key(http: HttpRequest) -> None:
-        if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", kind="authentication_error",
-                           code="invalid_api_key")
-
-    @app.get("/health")
+    @api.get("/health")
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @api.get("/metrics")
     async def prometheus():
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+        return Response(app.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @api.get("/v1/models")
     async def models(http: HttpRequest):
-        check_key(http)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minillm"}]}
+        app.check_key(http)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "minillm"}]}
 
-    def token_text(token: int) -> str:
-        return llm.tokenizer.decode([token], skip_special_tokens=False)
-
-    def build_requests(parsed: dict, endpoint: str) -> list[Request]:
-        """n requests per prompt (choice j's seed is seed + j, so the choices differ and each is reproducible);
-        identical prompts make the scheduler prefill once and the others reuse it."""
-        requests = []
-        for prompt in parsed["prompts"]:
-            try:
-                ids = llm.tokenizer.encode_chat(prompt) if endpoint == "chat" else llm.prompt_ids(prompt)
-                for j in range(parsed["n"]):
-                    options = dict(parsed["options"])
-                    if options.get("seed") is not None:
-                        options["seed"] += j
-                    requests.append(llm.request(ids, **options))
-            except MinillmError as e:
-                raise ApiError(400, str(e), "messages" if endpoint == "chat" else "prompt") from None
-        return requests
-
-    async def generate(http: HttpRequest, endpoint: str):
-        check_key(http)
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        parsed = openai_api.parse(body, endpoint, model_name)
-        requests = build_requests(parsed, endpoint)
-        if max_waiting is not None and len(engine.scheduler.waiting) + len(requests) > max_waiting:
-            raise ApiError(429, f"too many requests waiting (limit {max_waiting}); retry later",
-                           kind="rate_limit_error", code="queue_full")
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        for i, r in enumerate(requests):
-            r.pieces = _LoopSink(loop, queue, i)
-            engine.submit(r)
-        request_id = openai_api.new_id(endpoint)
-        if parsed["stream"]:
-            return StreamingResponse(stream(requests, queue, endpoint, request_id, parsed),
-                                     media_type="text/event-stream")
-        try:
-            remaining = len(requests)
-            while remaining:
-                _, item = await queue.get()
-                remaining -= item is DONE
-        finally:
-            abort_unfinished(requests)
-        failed = next((r for r in requests if r.error is not None), None)
-        if failed is not None:
-            raise ApiError(500, f"generation failed: {failed.error}", kind="server_error")
-        for r in requests:
-            metrics.finished(r)
-        completions = [r.completion() for r in requests]
-        return openai_api.response(endpoint, request_id, model_name, completions, parsed["n"], token_text)
-
-    def abort_unfinished(requests: list[Request]) -> None:
-        for r in requests:
-            if r.finish_reason is None:
-                engine.abort(r)
-                metrics.requests.labels("abort").inc()
-
-    async def stream(requests, queue, endpoint, request_id, parsed):
-        """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
-        usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished."""
-        def event(payload: dict) -> str:
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-        sent_logprobs = [0] * len(requests)
-        offsets = [0] * len(requests)
-        started = [False] * len(requests)
-
-        def logprobs(i: int):
-            r = requests[i]
-            if r.logprobs is None:
-                return None
-            items = r.token_logprobs[sent_logprobs[i] :]
-            sent_logprobs[i] += len(items)
-            out = openai_api.logprobs_json(items, endpoint, token_text, offsets[i])
-            if endpoint == "completions":
-                offsets[i] += sum(len(t) for t in out["tokens"])
-            return out
-
-        try:
-            remaining = len(requests)
-            while remaining:
-                i, item = await queue.get()
-                if item is DONE:
-                    remaining -= 1
-                    r = requests[i]
-                    if r.error is not None:
-                        yield event({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
-                                               "param": None, "code": None}})
-                        continue
-                    metrics.finished(r)
-                    yield event(openai_api.chunk(endpoint, request_id, model_name, i, None, r.finish_reason,
-                                                 logprobs(i), first=not started[i]))
-                else:
-                    yield event(openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i),
-                                                 first=not started[i]))
-                started[i] = True
-            if parsed["include_usage"]:
-                yield event(openai_api.usage_chunk(endpoint, request_id, model_name,
-                                                   [r.completion() for r in requests], parsed["n"]))
-            yield "data: [DONE]\n\n"
-        finally:
-            abort_unfinished(requests)
-
-    @app.post("/v1/completions")
+    @api.post("/v1/completions")
     async def completions(http: HttpRequest):
-        return await generate(http, "completions")
+        return await generate(app, http, "completions")
 
-    @app.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
-        return await generate(http, "chat")
+        return await generate(app, http, "chat")
 
-    return app
+    return api
 
 
-def serve(args) -> int:
-    """Load the model, start uvicorn in a thread, and step the engine on this (the main) thread until uvicorn
-    has stopped. SIGINT or SIGTERM stop it gracefully: no new connections, open requests served to their end
-    (30 s at most), then exit status 0. A second signal stops at once."""
-    from .cli import load_llm
-
-    llm = load_llm(args)
-    name = args.served_model_name or (args.model if args.model else "minillm-bundled")
-    app = create_app(llm, name, api_key=args.api_key, max_waiting=args.max_waiting)
-    app.state.address = f"{args.host}:{args.port}"
+def serve(llm, settings: ServerSettings) -> int:
+    """Start uvicorn in a thread, and step the engine on this (the main) thread until uvicorn has stopped.
+    SIGINT or SIGTERM stop it gracefully: no new connections, open requests served to their end (30 s at
+    most), then exit status 0. A second signal stops at once."""
+    app = create_app(llm, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                            timeout_graceful_shutdown=30))
 
     def stop(*_):
@@ -274,6 +347,7 @@ def serve(args) -> int:
         http_thread.join()
     llm.close()  # the prefix cache's KV to the disk tier, if there is one
     if not server.started:
-        raise MinillmError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another --port")
+        raise MinillmError(f"could not listen on {settings.host}:{settings.port} (is the port in use?); "
+                           "pick another --port")
     print(f"minillm: server stopped after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0

@@ -17,6 +17,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from .config import read_json
 from .errors import MinillmError
 
+# Texts longer than this are encoded through encode_batch, which lets other threads run meanwhile (a server's
+# event loop and the engine's step: a 2 MB prompt takes seconds to tokenize).
+LONG_TEXT_CHARS = 16384
+
 
 def _token_text(value) -> str | None:
     """tokenizer_config.json stores special tokens as a string or as {"content": "..."}."""
@@ -69,13 +73,27 @@ class Tokenizer:
             template = jinja_file.read_text()
         self.chat_template: str | None = template
         self._render = None
+        self._max_token_bytes: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL while it works; encode holds it
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes of UTF-8 text one token stands for (an upper bound: a token's own spelling, such as
+        byte-level BPE's 'Ġ' or SentencePiece's '<0x0A>', is at least as long as the text it stands for). A
+        text of B bytes thus has at least B / max_token_bytes tokens, which lets a prompt far too long for the
+        context be refused without tokenizing it."""
+        if self._max_token_bytes is None:
+            vocab = self.backend.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        return self._max_token_bytes
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -67,11 +67,22 @@ def test_broken_checkpoints(case, checkpoint, tmp_path, capsys):
 REQUESTS = {
     "prompt too long": (dict(prompt=[5] * 256), "prompt has 256 tokens but the model's context holds 256"),
     "empty prompt": (dict(prompt=""), "prompt is empty"),
-    "max_new_tokens < 1": (dict(prompt="hi", max_new_tokens=0), "max_new_tokens must be at least 1"),
+    "max_new_tokens < 1": (dict(prompt="hi", max_new_tokens=0), "max_new_tokens must be >= 1"),
+    "max_new_tokens not an int": (dict(prompt="hi", max_new_tokens=2.5), "max_new_tokens must be an integer"),
     "negative temperature": (dict(prompt="hi", temperature=-1.0), "temperature must be >= 0"),
-    "top_p zero": (dict(prompt="hi", top_p=0.0), r"top_p must be in \(0, 1\]"),
-    "top_p above one": (dict(prompt="hi", top_p=1.5), r"top_p must be in \(0, 1\]"),
+    "temperature not a number": (dict(prompt="hi", temperature="0.5"), "temperature must be a number"),
+    "top_p zero": (dict(prompt="hi", top_p=0.0), "top_p must be > 0 and <= 1"),
+    "top_p above one": (dict(prompt="hi", top_p=1.5), "top_p must be > 0 and <= 1"),
+    "seed above 64 bits": (dict(prompt="hi", seed=2**64), "seed must be >= .* and <= 18446744073709551615"),
+    "seed below 64 bits": (dict(prompt="hi", seed=-(2**63) - 1), "seed must be >= -9223372036854775808"),
+    "logprobs above 20": (dict(prompt="hi", logprobs=21), "logprobs must be >= 0 and <= 20"),
+    "stop not a string": (dict(prompt="hi", stop=[3]), "stop must be a string or a list of strings"),
+    "stop too long": (dict(prompt="hi", stop="x" * 1025), "at most 1024 characters"),
+    "ignore_eos not a flag": (dict(prompt="hi", ignore_eos="yes"), "ignore_eos must be True or False"),
     "token id outside vocab": (dict(prompt=[5, 100000]), "outside the vocabulary"),
+    "token ids as floats": (dict(prompt=[5.0, 6.0]), "a prompt must be text or a list of token ids"),
+    "a prompt of another type": (dict(prompt={"text": "hi"}), "a prompt must be text or a list of token ids"),
+    "text far beyond the context": (dict(prompt="word " * 400_000), "bytes of text, far more than"),
 }
 
 
@@ -84,7 +95,8 @@ def test_bad_requests(case, load):
 
 @pytest.mark.parametrize("flags,message", [
     (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"), (["--top-p", "2"], "top_p"), ([], None),
+    (["--top-p", "0"], "top_p"), (["--top-p", "2"], "top_p"), (["--seed", str(2**64)], "seed"),
+    (["--stop", "x" * 1025], "stop"), ([], None),
 ])
 def test_cli_bad_sampling_flags_and_long_prompt(flags, message, checkpoint, capsys):
     args = ["generate", "--model", str(checkpoint("llama"))] + flags

@@ -1,5 +1,7 @@
 """Sampling processors against transformers' own, and seeded reproducibility."""
 
+import math
+
 import pytest
 import torch
 
@@ -72,10 +74,13 @@ def test_same_seed_same_text_different_seed_differs(load):
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(min_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan")),
-                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0)])
+                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(seed=2**64),
+                                 dict(seed=-(2**63) - 1), dict(temperature="hot"), dict(top_k=2.0), dict(seed=True),
+                                 dict(top_p=float("inf"))])
 def test_invalid_settings_are_refused(bad):
-    with pytest.raises(MinillmError, match="invalid sampling setting"):
+    with pytest.raises(MinillmError, match="invalid setting") as refused:
         Sampler(SamplingParams(**bad))
+    assert refused.value.name == next(iter(bad)) and next(iter(bad)) in str(refused.value)
 
 
 def test_presence_and_frequency_penalties_as_openai_defines_them():
@@ -130,10 +135,68 @@ def test_unseeded_samplers_draw_different_seeds():
     ("repetition_penalty", 0.0), ("presence_penalty", -2.5), ("frequency_penalty", 2.5),
 ])
 def test_each_invalid_setting_is_named_in_its_error(setting, value):
-    with pytest.raises(MinillmError, match=f"invalid sampling setting: {setting} must be .*got {value}"):
+    with pytest.raises(MinillmError, match=f"invalid setting: {setting} must be .*got {value}"):
         SamplingParams(**{setting: value}).validate()
 
 
 def test_penalties_accept_the_ends_of_openais_range():
     for value in (-2.0, 2.0):
         SamplingParams(presence_penalty=value, frequency_penalty=value).validate()
+
+
+# -- the sampler's edges (any logits a model may give, any legal setting) ------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from minillm.sampling import BadLogits  # noqa: E402
+
+EXTREMES = [0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-30, math.inf, -math.inf]
+LOGIT = st.one_of(st.sampled_from(EXTREMES), st.floats(-1e6, 1e6, width=32))  # NaN-free; ties come from EXTREMES
+
+
+@st.composite
+def hostile_case(draw):
+    vocab = draw(st.integers(1, 24))
+    logits = draw(st.lists(LOGIT, min_size=vocab, max_size=vocab))
+    params = SamplingParams(
+        temperature=draw(st.sampled_from([0.0, 1e-40, 1e-6, 1e-5, 0.5, 1.0, 100.0, 1e30])),
+        top_k=draw(st.integers(0, vocab + 3)),
+        top_p=draw(st.sampled_from([1e-30, 0.1, 0.5, 0.999, 1.0])),
+        min_p=draw(st.sampled_from([0.0, 1e-30, 0.5, 1.0])),
+        repetition_penalty=draw(st.sampled_from([1e-300, 1e-30, 0.5, 1.0, 2.0, 1e30, 1e300])),
+        presence_penalty=draw(st.sampled_from([-2.0, 0.0, 1.5, 2.0])),
+        frequency_penalty=draw(st.sampled_from([-2.0, 0.0, 2.0])),
+        seed=draw(st.integers(-(2**63), 2**64 - 1)),
+    )
+    seen = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
+    counts = draw(st.lists(st.integers(0, 50), min_size=vocab, max_size=vocab))
+    return torch.tensor([logits], dtype=torch.float32), params, torch.tensor(seen), torch.tensor(counts, dtype=torch.float32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile_case())
+def test_any_logits_and_legal_settings_give_a_possible_token(case):
+    """A token id always comes back, never a removed one (-inf logit), and with +inf logits one of those;
+    greedy without penalties is argmax. Only NaN-free logits with nothing above -inf are refused."""
+    logits, params, seen, counts = case
+    sampler = Sampler(params)
+    if bool((logits == -math.inf).all()):
+        with pytest.raises(BadLogits):
+            sampler(logits, seen, counts)
+        return
+    token = sampler(logits, seen, counts)
+    assert 0 <= token < logits.shape[1]
+    assert logits[0, token] > -math.inf
+    if bool((logits == math.inf).any()):
+        assert logits[0, token] == math.inf
+    if params.greedy and params.repetition_penalty == 1 and not params.counts_output:
+        assert token == int(logits.argmax())
+
+
+def test_nan_logits_are_refused_with_a_reason():
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = math.nan
+    for temperature in (0.0, 1.0):
+        with pytest.raises(BadLogits, match="NaN"):
+            Sampler(SamplingParams(temperature=temperature))(logits, torch.tensor([1]))

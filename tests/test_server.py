@@ -54,8 +54,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "minillm", "serve", "--model", str(folder), "--served-model-name", "tiny",
-             "--port", str(self.port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "minillm", "serve", *(["--model", str(folder)] if folder else []),
+             "--served-model-name", "tiny", "--port", str(self.port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -76,6 +76,18 @@ class Server:
                 name, value = line.split()
                 values[name] = float(value)
         return values
+
+    def assert_idle_and_no_slot_owned(self, timeout: float = 30) -> None:
+        """Wait (bounded) until no request runs or waits; then every used KV slot is the prefix cache's."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.metrics()
+            if m["minillm_requests_running"] == 0 and m["minillm_requests_waiting"] == 0:
+                break
+            time.sleep(0.1)
+        m = self.metrics()
+        assert m["minillm_requests_running"] == 0 and m["minillm_requests_waiting"] == 0
+        assert m["minillm_kv_slots_used"] == m["minillm_kv_slots_cached"]  # no slot left owned by a request
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -204,15 +216,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(server):
     assert response.readline().startswith(b"data: ")  # one chunk, then hang up
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = server.metrics()
-        if m["minillm_requests_running"] == 0 and m["minillm_requests_waiting"] == 0:
-            break
-        time.sleep(0.1)
-    m = server.metrics()
-    assert m["minillm_requests_running"] == 0 and m["minillm_requests_waiting"] == 0
-    assert m["minillm_kv_slots_used"] == m["minillm_kv_slots_cached"]  # no slot left owned by a request
+    server.assert_idle_and_no_slot_owned()
     aborted = [line for line in call("GET", f"{server.url}/metrics").text.splitlines()
                if line.startswith('minillm_requests_total{finish_reason="abort"}')]
     assert aborted and float(aborted[0].split()[1]) == 1
@@ -230,6 +234,19 @@ BAD = [
     ("ignore_eos wrong type", {"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("unknown field", {"prompt": "x", "best_of_luck": 1}, 400, "best_of_luck"),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 400, "model"),
+    ("seed above 64 bits", {"prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("seed below 64 bits", {"prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+    ("the last choice's seed above 64 bits", {"prompt": "x", "seed": 2**64 - 1, "n": 2}, 400, "seed"),
+    ("temperature as a string", {"prompt": "x", "temperature": "0.5"}, 400, "temperature"),
+    ("max_completion_tokens zero", {"prompt": "x", "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("echo true", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("echo 1", {"prompt": "x", "echo": 1}, 400, "echo"),
+    ("suffix", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("best_of true", {"prompt": "x", "best_of": True}, 400, "best_of"),
+    ("stop string too long", {"prompt": "x", "stop": "y" * 2000}, 400, "stop"),
+    ("five stop strings", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
+    ("a body nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("token ids as floats", {"prompt": [5.5, 6.0]}, 400, "prompt"),
     ("prompt too long", {"prompt": list(range(2, 302)) * 2}, 400, "prompt"),
     ("token id outside the vocabulary", {"prompt": [5, 99999]}, 400, "prompt"),
 ]
@@ -245,6 +262,37 @@ def test_bad_requests_get_their_status_and_an_openai_error(server, case):
     if case == "prompt too long":
         assert "600 tokens" in error["message"] and "512" in error["message"]  # both lengths
     assert call("GET", f"{server.url}/health").status_code == 200  # still serving
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """413 from the declared length, and for a chunked body (no declared length) once the limit is passed."""
+    body = json.dumps({"prompt": "x" * (5 * 2**20)}).encode()  # the default limit is 4 MiB
+    response = call("POST", f"{server.url}/v1/completions", body)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    try:
+        pieces = (body[i : i + 2**20] for i in range(0, len(body), 2**20))
+        connection.request("POST", "/v1/completions", body=pieces, encode_chunked=True,
+                           headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
+    finally:
+        connection.close()
+    assert call("GET", f"{server.url}/health").status_code == 200
+
+
+def test_hostile_but_legal_settings_are_served(server, llm):
+    """They made the whole batch fail before (NaN probabilities inside the engine's step)."""
+    expected = reference(llm, "The quick brown", max_new_tokens=10, temperature=0)
+    tiny = call("POST", f"{server.url}/v1/completions", {"prompt": "The quick brown", "max_tokens": 10,
+                                                         "temperature": 1e-40})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == expected.text  # greedy
+    penalty = call("POST", f"{server.url}/v1/completions", {"prompt": "The quick brown", "max_tokens": 10,
+                                                            "temperature": 1.0, "repetition_penalty": 1e-300})
+    assert penalty.status_code == 200 and penalty.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    last_seed = call("POST", f"{server.url}/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1.0,
+                                                              "seed": 2**64 - 2, "n": 2})
+    assert last_seed.status_code == 200 and len(last_seed.json()["choices"]) == 2
 
 
 def test_bad_chat_request(server):

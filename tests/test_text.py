@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,28 @@ def test_real_qwen3_chat_template_matches_transformers(thinking):
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert ours.encode_chat(messages, **extra) == list(ids)
     assert ours.decode(ours.encode("h\u00e9llo \U0001f600")) == "h\u00e9llo \U0001f600"
+
+
+def test_a_long_text_is_tokenized_while_other_threads_run():
+    """A server's event loop and the engine's step go on while a long prompt is tokenized: the tokenizer
+    releases the GIL for it (encode_batch), so a ticking thread is never held up for most of the encode."""
+    tokenizer = Tokenizer(Path(__file__).resolve().parents[1] / "weights")
+    text = "The quick brown fox jumps over the lazy dog 12345. " * 40_000  # 2 MB
+    assert tokenizer.encode(text[:5000]) == tokenizer.backend.encode(text[:5000]).ids  # the short path
+    gaps, done = [], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            t = time.perf_counter()
+            time.sleep(0.005)
+            gaps.append(time.perf_counter() - t)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.perf_counter()
+    ids = tokenizer.encode(text)
+    took = time.perf_counter() - started
+    done.set()
+    ticker.join()
+    assert ids == tokenizer.backend.encode_batch([text])[0].ids and len(ids) > 500_000
+    assert max(gaps) < took / 2, f"a thread waited {max(gaps):.2f} s of a {took:.2f} s encode"

@@ -1,0 +1,161 @@
+"""One request never harms another: a failure in one request's own part of a step (its sampler, its logits,
+its logprobs, its stop strings) ends that request alone, the batch goes on with the tokens it would have had
+anyway, and the pool's ownership invariant holds after every step. Numerically hostile but legal settings
+give tokens, not errors."""
+
+import math
+
+import pytest
+import torch
+
+from minillm import MinillmError
+from minillm import forward_batch
+from minillm.sampling import BadLogits
+
+PROMPTS = [list(range(5, 17)), list(range(40, 49)), list(range(70, 85)), list(range(100, 106))]
+
+
+def step_all(llm, handles):
+    """Step the engine until every request is done, checking the invariant after each step."""
+    for _ in range(500):
+        if all(h.request.finished for h in handles):
+            return
+        llm.engine.step()
+        llm.engine.scheduler.check_invariants()
+    raise AssertionError("the requests did not finish in 500 steps")
+
+
+class FailingSampler:
+    """Wraps a request's sampler: the `at`-th call gets logits made hostile by `spoil`, or raises."""
+
+    def __init__(self, sampler, at, spoil=None):
+        self.sampler, self.at, self.spoil, self.calls = sampler, at, spoil, 0
+        self.params = sampler.params
+
+    def __call__(self, logits, seen, counts=None):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.spoil is None:
+                raise RuntimeError("planted sampler failure")
+            logits = self.spoil(logits)
+        return self.sampler(logits, seen, counts)
+
+
+def alone(llm, prompt, **options):
+    llm.configure()
+    return llm.generate(prompt, **options).token_ids
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (None, RuntimeError),
+    (lambda logits: torch.full_like(logits, math.nan), BadLogits),  # a model's NaN row
+    (lambda logits: torch.full_like(logits, -math.inf), BadLogits),  # nothing can be sampled
+])
+def test_a_failing_row_ends_its_request_alone(load, spoil, error):
+    llm = load("llama")
+    options = dict(max_new_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
+    expected = [alone(llm, p, **options) for p in PROMPTS]
+    llm.configure()
+    requests = [llm.request(p, **options) for p in PROMPTS]
+    requests[1].sampler = FailingSampler(requests[1].sampler, at=3, spoil=spoil)
+    handles = [llm.engine.submit(r) for r in requests]
+    step_all(llm, handles)
+    assert requests[1].finish_reason == "error" and isinstance(requests[1].error, error)
+    assert len(requests[1].generated) == 2  # two tokens, then its third step failed
+    with pytest.raises(error):
+        handles[1].result()
+    for i in (0, 2, 3):
+        assert handles[i].result().token_ids == expected[i]  # the others: as if alone
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    assert llm.engine.pool.free_slots + llm.prefix_cache.total_tokens == llm.engine.pool.num_slots
+
+
+def test_generate_of_a_list_finishes_every_prompt_before_raising_the_failure(load, monkeypatch):
+    llm = load("llama")
+    llm.configure()
+    real = llm.request
+
+    def request(prompt, **options):
+        r = real(prompt, **options)
+        if prompt == PROMPTS[0]:
+            r.sampler = FailingSampler(r.sampler, at=1)
+        return r
+
+    monkeypatch.setattr(llm, "request", request)
+    with pytest.raises(RuntimeError, match="planted"):
+        llm.generate(PROMPTS, max_new_tokens=4, temperature=0)
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting  # nothing left behind
+    llm.engine.scheduler.check_invariants()
+
+
+def test_a_failure_while_streaming_a_token_fails_only_that_request(load):
+    """The stop-string matcher and the stream are the request's own too."""
+    llm = load("llama")
+    llm.configure()
+    requests = [llm.request(p, max_new_tokens=6, temperature=0, ignore_eos=True) for p in PROMPTS[:2]]
+
+    def broken_feed(piece):
+        raise ValueError("planted stop-string failure")
+
+    requests[0].stops.feed = broken_feed
+    handles = [llm.engine.submit(r) for r in requests]
+    step_all(llm, handles)
+    assert requests[0].finish_reason == "error" and isinstance(requests[0].error, ValueError)
+    assert handles[1].result().finish_reason == "length"
+
+
+def test_a_failed_forward_fails_the_batch_and_leaves_the_pool_consistent(load, monkeypatch):
+    llm = load("llama")
+    expected = alone(llm, PROMPTS[0], max_new_tokens=6, temperature=0)
+    llm.configure()
+    real, calls = forward_batch.run, []
+
+    def failing_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("planted forward failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_batch, "run", failing_run)
+    handles = [llm.submit(p, max_new_tokens=6, temperature=0) for p in PROMPTS]
+    with pytest.raises(RuntimeError, match="planted forward"):
+        for _ in range(20):
+            llm.engine.step()
+    assert all(h.request.finish_reason == "error" for h in handles)
+    llm.engine.scheduler.check_invariants()
+    assert llm.engine.pool.free_slots + llm.prefix_cache.total_tokens == llm.engine.pool.num_slots
+    monkeypatch.setattr(forward_batch, "run", real)
+    assert llm.generate(PROMPTS[0], max_new_tokens=6, temperature=0).token_ids == expected  # serving goes on
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_hostile_but_legal_settings_give_tokens(load, exact):
+    """Each of these made the whole batch fail before (NaN probabilities in torch.multinomial)."""
+    llm = load("llama")
+    llm.exact = exact
+    try:
+        greedy = alone(llm, PROMPTS[0], max_new_tokens=8, temperature=0)
+        assert alone(llm, PROMPTS[0], max_new_tokens=8, temperature=1e-40) == greedy  # below 1e-5: greedy
+        for options in (dict(temperature=1.0, repetition_penalty=1e-300), dict(temperature=1.0, repetition_penalty=1e300),
+                        dict(temperature=1e-5, top_p=1e-30), dict(temperature=1e30, min_p=1.0),
+                        dict(temperature=0.7, top_k=10**9, frequency_penalty=-2.0, presence_penalty=-2.0),
+                        dict(temperature=0, repetition_penalty=1e-300)):
+            llm.configure()
+            handles = [llm.submit(p, max_new_tokens=8, seed=1, **options) for p in PROMPTS]
+            outs = [h.result() for h in handles]
+            assert all(len(o.token_ids) >= 1 and o.finish_reason in ("stop", "length") for o in outs), options
+            assert all(0 <= t < llm.config.vocab_size for o in outs for t in o.token_ids)
+            llm.engine.scheduler.check_invariants()
+    finally:
+        llm.exact = False
+        llm.configure()
+
+
+def test_seeds_are_checked_where_they_enter(load):
+    llm = load("llama")
+    llm.configure()
+    for seed in (2**64 - 1, -(2**63), 0):  # the sampler's whole range works
+        assert llm.generate(PROMPTS[0], max_new_tokens=2, temperature=1.0, seed=seed).token_ids
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(MinillmError, match="seed must be"):
+            llm.generate(PROMPTS[0], max_new_tokens=2, temperature=1.0, seed=seed)
