@@ -177,7 +177,7 @@ def generate(args) -> int:
 def _close(llm) -> None:
     """Write the cached KV to the disk tier, if there is one, and say what it did."""
     llm.close()
-    disk = llm.engine.scheduler.disk
+    disk = llm.engine.kv.disk
     if disk is not None and disk.enabled:
         page = disk.page
         print(f"[disk cache: {disk.pages_read * page} tokens read in {disk.read_s:.3f} s, {disk.pages_written * page} "

@@ -36,10 +36,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from .kv_pool import KVPool
 
 FORMAT = "minillm-kv-2"
 DEFAULT_PAGE = 64
@@ -179,8 +183,7 @@ class DiskCache:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def write(self, tokens: list[int], slots: torch.Tensor, keys_pool: torch.Tensor, values_pool: torch.Tensor,
-              from_token: int = 0) -> None:
+    def write(self, tokens: list[int], slots: torch.Tensor, pool: KVPool, from_token: int = 0) -> None:
         """Store every whole page of tokens (whose KV sits in slots [len(tokens)] of the pool) that ends after
         from_token and is not on disk yet."""
         if not self.enabled:
@@ -196,8 +199,8 @@ class DiskCache:
             if path.exists():
                 self.known.add(key)
                 continue
-            index = slots[first:end]
-            tensors = {"keys": keys_pool[:, :, index].contiguous(), "values": values_pool[:, :, index].contiguous(),
+            kv_keys, kv_values = pool.read(slots[first:end])  # [layers, kv_heads, page, head_dim] each
+            tensors = {"keys": kv_keys, "values": kv_values,
                        "tokens": torch.tensor(tokens[first:end], dtype=torch.int64)}
             meta = {"format": FORMAT, "fingerprint": self.facts["id"], "key": key, "checksum": checksum(tensors)}
             try:

@@ -20,15 +20,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from . import exact as exact_mode
-from . import forward_batch
-from .model import CausalLM
-from .request import Request, RequestHandle
-from .scheduler import Scheduler, Work
+from .request import DONE, Completion, Request
+from .plan import Work, segment
+from .runner import Runner
+from .scheduler import Scheduler
 from .tensor_parallel import RankFailure
 
 log = logging.getLogger("minillm.engine")
@@ -37,14 +37,13 @@ IDLE_WAIT_S = 0.1  # an idle serve() loop sleeps on the submission queue this lo
 
 
 class Engine:
-    def __init__(self, model: CausalLM, scheduler: Scheduler, exact: bool, exact_chunk: int, exact_decode_rows: int,
-                 leader=None):
-        """Settings come from LLM.configure (llm.py), which documents them. leader: under tensor parallelism
-        (ranks.Leader), every forward goes through it to all ranks."""
-        self.model = model
-        self.leader = leader
+    def __init__(self, runner: Runner, scheduler: Scheduler, exact: bool, exact_chunk: int, exact_decode_rows: int):
+        """Settings come from LLM.configure (llm.py), which documents them. runner: what runs each forward
+        (runner.py: this process, or every rank of a tensor-parallel group)."""
+        self.runner = runner
         self.scheduler = scheduler
-        self.pool = scheduler.pool
+        self.kv = scheduler.kv
+        self.pool = scheduler.kv.pool
         self.exact, self.exact_chunk, self.exact_decode_rows = exact, exact_chunk, exact_decode_rows
         self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) from any thread
         self._serving = False
@@ -88,9 +87,10 @@ class Engine:
         if not self.scheduler.has_work:
             return False
         try:
-            works = self.scheduler.schedule()
+            works = self.scheduler.plan()
             if works:
                 self._run(works)
+                self.scheduler.finish_step(works)
         except BaseException as e:
             self._fail_all(e)
             raise
@@ -100,21 +100,13 @@ class Engine:
         if self.exact:
             tiles = exact_mode.tiles(works, self.exact_chunk, self.exact_decode_rows)
         else:
-            tiles = [[(self._segment(w), w if w.sample else None) for w in works]]
-        run_forward = self.leader.run_forward if self.leader is not None else forward_batch.run
+            tiles = [[(segment(w), w if w.sample else None) for w in works]]
         for tile in tiles:
-            logits = iter(run_forward(self.model, self.pool, [segment for segment, _ in tile], views=not self.exact))
-            for segment, w in tile:
-                row = next(logits) if segment.logit_row is not None else None
+            logits = iter(self.runner.forward(self.pool, [rows for rows, _ in tile], views=not self.exact))
+            for rows, w in tile:
+                row = next(logits) if rows.logit_row is not None else None
                 if w is not None:
                     self._accept(w.request, row[None])
-        for w in works:
-            r = w.request
-            r.num_computed += w.length
-            if not r.prompt_cached and r.num_computed >= len(r.prompt):
-                self.scheduler.cache_prompt(r)
-            if r.finished:
-                self.scheduler.release(r)
 
     @staticmethod
     def _accept(r: Request, logits: torch.Tensor) -> None:
@@ -128,12 +120,6 @@ class Engine:
             log.warning("request %d failed in its own part of a step (%r); the other requests go on", r.id, e)
             if not r.finished:
                 r.finish("error", e)
-
-    @staticmethod
-    def _segment(w: Work) -> forward_batch.Segment:
-        r = w.request
-        return forward_batch.Segment(w.tokens, w.start, r.slot_table[: w.start + w.length],
-                                     w.length - 1 if w.sample else None)
 
     def _end(self, r: Request, reason: str, error: BaseException | None = None) -> None:
         """Take r out of the engine (its KV handed to the tree or freed) and finish it, unless it is done."""
@@ -160,8 +146,7 @@ class Engine:
         self._serving = True
         try:
             while not should_stop():
-                if self.leader is not None:
-                    self.leader.check()  # a lost tensor-parallel rank ends serving (RankFailure)
+                self.runner.check()  # a lost tensor-parallel rank ends serving (RankFailure)
                 try:
                     busy = self.step()
                 except RankFailure:
@@ -188,3 +173,49 @@ class Engine:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+
+class RequestHandle:
+    """Iterate for the text as it is generated; afterwards (or from `result()`) the Completion.
+
+    Unless a serve() loop drives the engine, iterating steps the engine itself (every running request
+    advances, not just this one). Leaving the loop early aborts the request."""
+
+    def __init__(self, request: Request, engine: Engine):
+        self.request = request
+        self.engine = engine
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.completion is not None:  # already read to the end
+            return
+        try:
+            while True:
+                try:
+                    piece = self.request.pieces.get_nowait()
+                except queue.Empty:
+                    if self.engine.serving:
+                        piece = self.request.pieces.get()
+                    else:
+                        if not self.engine.step():
+                            raise RuntimeError(f"request {self.request.id} is not done but the engine has no work")
+                        continue
+                if piece is DONE:
+                    break
+                yield piece
+        finally:
+            if self.request.finish_reason is None:  # the caller left early
+                self.abort()
+        if self.request.error is not None:
+            raise self.request.error
+        self.completion = self.request.completion()
+
+    def result(self) -> Completion:
+        """Wait for the request to finish; its Completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    def abort(self) -> None:
+        """Stop the request; its slots are freed and its locks released at the engine's next step."""
+        self.engine.abort(self.request)

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .forward_batch import Segment
 from .kv_pool import DUMP_SLOT
-from .scheduler import Work
+from .plan import Segment, Work, segment
 
 DEFAULT_CHUNK = 64  # prefill rows per tile
 DEFAULT_DECODE_ROWS = 8  # decode rows per tile
@@ -52,22 +51,14 @@ def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Se
     out, decode = [], []
     for w in works:
         if w.length == 1 and w.start >= len(w.request.prompt):
-            decode.append((_segment(w, w.start, 1, 1, logits=True), w if w.sample else None))
+            decode.append((segment(w, logits=True), w if w.sample else None))
             continue
         assert w.start % chunk == 0, "exact prefill must start on a chunk boundary"
         for start in range(w.start, w.start + w.length, chunk):
             n = min(chunk, w.start + w.length - start)
             last = start + n == w.start + w.length
-            out.append([(_segment(w, start, n, chunk, logits=w.sample and last), w if w.sample and last else None)])
+            out.append([(segment(w, start, n, chunk, logits=w.sample and last), w if w.sample and last else None)])
     for i in range(0, len(decode), decode_rows):
         group = decode[i : i + decode_rows]
         out.append(group + [(_PAD_ROW, None)] * (decode_rows - len(group)))
     return out
-
-
-def _segment(w: Work, start: int, n: int, rows: int, logits: bool) -> Segment:
-    """Positions start .. start+n-1 of w's request, padded to `rows` rows; logits: of its last real row."""
-    pad = rows - n
-    tokens = w.request.tokens_between(start, start + n) + [0] * pad
-    slots = torch.cat((w.request.slot_table[: start + n], torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
-    return Segment(tokens, start, slots, n - 1 if logits else None)

@@ -19,22 +19,11 @@ is skipped: `views=False` turns this off for exact mode, whose bits must not dep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .kv_pool import KVPool
 from .model import CausalLM, attend, attention_mask
-
-
-@dataclass
-class Segment:
-    """One sequence's rows: tokens at positions start .. start + len(tokens) - 1."""
-
-    tokens: list[int]
-    start: int
-    slots: torch.Tensor  # [start + len(tokens)] int64: the pool slot of every position up to the last row
-    logit_row: int | None = None  # the row (within the segment) whose logits are wanted, if any
+from .plan import Segment
 
 
 class ForwardBatch:

@@ -70,6 +70,17 @@ class KVPool:
                 self.values[:, :, slots] = float("nan")
         self._free.extend(reversed(slots.tolist()))
 
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values in these slots: [layers, kv_heads, len(slots), head_dim] each."""
+        index = slots.to(self.keys.device)
+        return self.keys.index_select(2, index), self.values.index_select(2, index)
+
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys and values [layers, kv_heads, len(slots), head_dim] in these slots."""
+        index = slots.to(self.keys.device)
+        self.keys.index_copy_(2, index, keys.to(self.keys.device))
+        self.values.index_copy_(2, index, values.to(self.values.device))
+
     def bytes_per_token(self) -> int:
         layers, kv_heads, _, head_dim = self.keys.shape
         return 2 * layers * kv_heads * head_dim * self.keys.element_size()

@@ -26,12 +26,14 @@ from . import exact as exact_mode
 from . import quantize as quantization
 from . import ranks
 from .config import DTYPES, ModelConfig, load_config, read_json
-from .engine import Engine
 from .errors import MinillmError
-from .kv_pool import KVPool, kv_bytes_per_token
+from .kv_manager import KVManager
+from .kv_pool import kv_bytes_per_token
 from .loader import load_model, resolve_model_dir
-from .model import CausalLM, SequenceKV
-from .request import Completion, Request, RequestHandle
+from .model import CausalLM
+from .engine import Engine, RequestHandle
+from .request import Completion, Request
+from .runner import LocalRunner, Runner
 from .sampling import Sampler, SamplingParams
 from .scheduler import POLICIES, Scheduler
 from .tokenizer import StopStrings, StreamDecoder, Tokenizer
@@ -88,10 +90,11 @@ class GenerationDefaults:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, model_dir: Path | None = None, leader: ranks.Leader | None = None,
+                 exact: bool = False, model_dir: Path | None = None, runner: Runner | None = None,
                  **engine_options):
         self.model = model
-        self.leader = leader  # under tensor parallelism (ranks.py): sends each forward to the other ranks
+        # what runs each forward: this process, or under tensor parallelism rank 0's ranks.Leader (runner.py)
+        self.runner = runner or LocalRunner(model)
         # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "int8", "int4-g32")
         # is what the loader made of the matrices
         self.model_dir, self.weight_form = model_dir, getattr(model, "weight_form", "plain")
@@ -138,9 +141,9 @@ class LLM:
             raise
         if rank is not None and rank.rank > 0:  # a follower under torchrun
             ranks.follow_and_exit(network, device)
-        leader = ranks.Leader(network, followers) if rank is not None else None
+        runner = ranks.Leader(network, followers) if rank is not None else None
         return cls(network, Tokenizer(folder), GenerationDefaults.from_folder(folder, config), device, exact, folder,
-                   leader, **engine_options)
+                   runner, **engine_options)
 
     def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                   max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, schedule_policy: str = "lpm",
@@ -171,13 +174,10 @@ class LLM:
         if disk_cache_mb <= 0:
             raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
         cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
-        if cache_dir and self.leader is not None:  # refused before any rank builds a new pool
+        if cache_dir and self.runner.ranks > 1:  # refused before any rank builds a new pool
             raise MinillmError("the prefix cache's disk tier does not work with tensor parallelism yet "
                                f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}")
-        if self.leader is not None:
-            pool = self.leader.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
-        else:
-            pool = KVPool(self.config, kv_tokens + 1, self.dtype, self.device, poison_freed)
+        pool = self.runner.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
         dynamic = self.config.rope.type == "dynamic"
@@ -190,29 +190,27 @@ class LLM:
                 ref = weakref.ref(self)
                 self._close_at_exit = lambda: ref() is not None and ref().close()
                 atexit.register(self._close_at_exit)
-        scheduler = Scheduler(
-            pool, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, policy=schedule_policy,
-            prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
-            cache_decode_kv=not self.exact, chunk_prefill=not dynamic, disk=disk,
-        )
-        self.engine = Engine(self.model, scheduler, self.exact, exact_chunk, exact_decode_rows, self.leader)
+        kv = KVManager(pool, prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
+                       cache_decode_kv=not self.exact, disk=disk)
+        scheduler = Scheduler(kv, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, policy=schedule_policy,
+                              chunk_prefill=not dynamic)
+        self.engine = Engine(self.runner, scheduler, self.exact, exact_chunk, exact_decode_rows)
 
     def _close_engine(self) -> None:
         self.engine.stop()
-        self.engine.scheduler.spill_all()
+        self.engine.kv.spill_all()
 
     def close(self) -> None:
         """Stop the background engine thread, if any, and write the prefix cache's KV to the disk tier (if
         there is one; it also runs at the end of the process). Under tensor parallelism, also stop the other
         ranks: the LLM cannot generate after that."""
         self._close_engine()
-        if self.leader is not None:
-            self.leader.close()
+        self.runner.close()
 
     @property
     def prefix_cache(self):
         """The radix tree (radix_cache.RadixCache): its stats, total_tokens, check_invariants()."""
-        return self.engine.scheduler.tree
+        return self.engine.kv.tree
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -259,9 +257,7 @@ class LLM:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
         ids = torch.tensor(self.prompt_ids(list(token_ids), in_pool=False), device=self.device)
-        if self.leader is not None:
-            return self.leader.logits(ids).float()
-        return self.model(ids, torch.arange(len(ids), device=self.device), SequenceKV()).float()
+        return self.runner.logits(ids).float()
 
     # -- generation -----------------------------------------------------------------------------------
 

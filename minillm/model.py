@@ -10,6 +10,8 @@ which rows belong together, and that is the `kv` object's job.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,6 +162,20 @@ def attention_mask(start: int, T: int, window: int | None, device) -> tuple[torc
     return allowed, False  # [T, start + T] bool
 
 
+class KV(Protocol):
+    """What a forward attends through (the `kv` argument of CausalLM.forward): it knows which rows belong to
+    which sequence and where their keys and values are kept. SequenceKV below keeps nothing;
+    forward_batch.ForwardBatch stores them in the shared KV pool, for many sequences at once."""
+
+    lengths: torch.Tensor | None  # [N] each row's sequence length (for dynamic RoPE), or None: one sequence
+
+    def attend(self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> torch.Tensor:
+        """q [heads, N, head_dim], this layer's new keys/values [kv_heads, N, head_dim]: store them if it keeps
+        KV, and attend each row over its own sequence's keys: [N, heads * head_dim]."""
+        ...
+
+
 class SequenceKV:
     """Attention for a forward over one whole sequence that keeps nothing: LLM.logits() and training (whose
     gradients cannot flow through the in-place writes of the KV pool). The generation engine uses
@@ -184,7 +200,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, self.rank_config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv, logit_rows=slice(None)) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, logit_rows=slice(None)) -> torch.Tensor:
         """Run the rows tokens [N] (int64) at positions [N]: one sequence's tokens, or the rows of many
         sequences side by side. Every matrix product takes all N rows at once (the weights are read once for
         all of them); kv.attend stores each row's keys/values and lets it attend within its own sequence.

@@ -204,7 +204,7 @@ class RadixCache:
         candidates walks the whole tree once per call: simple, and cheap next to a forward."""
         # id() keeps heapq from comparing two nodes; it never decides the order, since one operation touches
         # one path and so no two leaves share a last_access.
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and n.lock_ref == 0]
+        leaves = [(n.last_access, id(n), n) for n in self.nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed: list[torch.Tensor] = []
         count = 0
@@ -225,7 +225,7 @@ class RadixCache:
 
     # -- inspection -----------------------------------------------------------------------------------
 
-    def _nodes(self) -> Iterator[Node]:
+    def nodes(self) -> Iterator[Node]:
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
@@ -242,7 +242,7 @@ class RadixCache:
         return sum(reversed(tokens), ()), torch.cat(slots[::-1]) if slots else NO_SLOTS
 
     def all_slots(self) -> list[int]:
-        return [s for node in self._nodes() for s in node.slots.tolist()]
+        return [s for node in self.nodes() for s in node.slots.tolist()]
 
     def sequences(self) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
         """(tokens, slots) for every root-to-leaf path: everything the tree holds, as a flat list."""
@@ -261,7 +261,7 @@ class RadixCache:
         """Verify the structure; raises AssertionError with what is wrong. Tests run it after every step."""
         assert self.root.parent is None and self.root.tokens == ()
         tokens = protected = 0
-        for node in self._nodes():
+        for node in self.nodes():
             assert len(node.tokens) > 0, "a non-root node with an empty edge"
             # parent pointer and key agree
             assert node.parent.children.get(node.tokens[0]) is node, f"{node} is not its parent's child by its first token"

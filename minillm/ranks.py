@@ -3,7 +3,7 @@
 Rank 0 is the ordinary engine: tokenizer, scheduler, radix tree, sampling. Every rank, rank 0 included,
 holds its shard of the weights (tensor_parallel.py) and a KV pool of its own kv heads, with the same slots;
 only rank 0 decides what goes where. Before each forward rank 0 broadcasts the step's plan, the list of
-forward_batch.Segment (tokens, positions, slot tables), and the other ranks, the followers, run the same
+plan.Segment (tokens, positions, slot tables), and the other ranks, the followers, run the same
 forward on their shards; the collectives inside the forward keep every rank in step:
 
     rank 0      schedule -> broadcast plan -> forward (2 all-reduces per layer, all-gather logits) -> sample
@@ -40,6 +40,7 @@ from . import forward_batch
 from .errors import MinillmError
 from .kv_pool import KVPool
 from .model import CausalLM, SequenceKV
+from .plan import Segment
 from .tensor_parallel import RankFailure, TensorParallel
 
 ENV_TIMEOUT = "MINILLM_TP_TIMEOUT"
@@ -91,10 +92,12 @@ def loaded() -> None:
 
 
 class Leader:
-    """Rank 0's side: every forward goes out as a plan first; a heartbeat while idle; stop at close()."""
+    """Rank 0's side, a runner.Runner: every forward goes out as a plan first; a heartbeat while idle; stop at
+    close()."""
 
     def __init__(self, model: CausalLM, followers: list[subprocess.Popen] | None = None):
         self.model, self.tp, self.followers = model, model.tp, followers or []
+        self.ranks = self.tp.size
         self.lock = threading.Lock()  # a plan and the forward that follows it, never a heartbeat in between
         self.failure: BaseException | None = None
         self.last_sent = time.monotonic()
@@ -130,10 +133,9 @@ class Leader:
         self._run(("pool", num_slots, dtype))
         return KVPool(self.model.rank_config, num_slots, dtype, device, poison_freed)
 
-    def run_forward(self, model: CausalLM, pool: KVPool, segments: list[forward_batch.Segment],
-                    views: bool) -> torch.Tensor:
+    def forward(self, pool: KVPool, segments: list[Segment], views: bool) -> torch.Tensor:
         """forward_batch.run on every rank; the logits on rank 0."""
-        return self._run(("forward", segments, views), lambda: forward_batch.run(model, pool, segments, views))
+        return self._run(("forward", segments, views), lambda: forward_batch.run(self.model, pool, segments, views))
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """LLM.logits on every rank: one forward over ids [N], nothing cached."""

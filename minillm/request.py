@@ -12,9 +12,8 @@ KV bookkeeping, positions of `tokens` (prompt, then generated):
 state and streamed text; on resuming it recomputes (or finds in the tree) their KV, feeding the generated
 tokens back as decode rows without sampling ("replay"), so its output is what it would have been.
 
-A handle is what the caller holds: iterate it for text pieces, read `.completion` when done, `abort()`.
-Pieces travel through a thread-safe queue, so a server's handler threads can read while one engine thread
-steps.
+Text pieces travel through a thread-safe queue (`pieces`, ended by DONE), so a server's handler threads can
+read them while one engine thread steps; the caller holds an engine.RequestHandle over it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import itertools
 import queue
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,7 +30,6 @@ from .sampling import Sampler
 from .tokenizer import StopStrings, StreamDecoder
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .radix_cache import Node
 
 _ids = itertools.count(1)
@@ -200,49 +198,3 @@ class Request:
             logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
             logprobs=list(self.token_logprobs) if self.logprobs is not None else None,
         )
-
-
-class RequestHandle:
-    """Iterate for the text as it is generated; afterwards (or from `result()`) the Completion.
-
-    Unless a serve() loop drives the engine, iterating steps the engine itself (every running request
-    advances, not just this one). Leaving the loop early aborts the request."""
-
-    def __init__(self, request: Request, engine: "Engine"):
-        self.request = request
-        self.engine = engine
-        self.completion: Completion | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        if self.completion is not None:  # already read to the end
-            return
-        try:
-            while True:
-                try:
-                    piece = self.request.pieces.get_nowait()
-                except queue.Empty:
-                    if self.engine.serving:
-                        piece = self.request.pieces.get()
-                    else:
-                        if not self.engine.step():
-                            raise RuntimeError(f"request {self.request.id} is not done but the engine has no work")
-                        continue
-                if piece is DONE:
-                    break
-                yield piece
-        finally:
-            if self.request.finish_reason is None:  # the caller left early
-                self.abort()
-        if self.request.error is not None:
-            raise self.request.error
-        self.completion = self.request.completion()
-
-    def result(self) -> Completion:
-        """Wait for the request to finish; its Completion."""
-        for _ in self:
-            pass
-        return self.completion
-
-    def abort(self) -> None:
-        """Stop the request; its slots are freed and its locks released at the engine's next step."""
-        self.engine.abort(self.request)

@@ -62,7 +62,7 @@ class Metrics:
 
     def __init__(self, llm):
         self.registry = registry = CollectorRegistry()
-        scheduler, pool, tree = llm.engine.scheduler, llm.engine.pool, llm.engine.scheduler.tree
+        scheduler, pool, tree = llm.engine.scheduler, llm.engine.pool, llm.engine.kv.tree
         Gauge("minillm_requests_running", "Requests in the running batch", registry=registry).set_function(
             lambda: len(scheduler.running))
         Gauge("minillm_requests_waiting", "Requests waiting to be admitted", registry=registry).set_function(

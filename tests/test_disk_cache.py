@@ -129,7 +129,7 @@ def test_the_directory_stays_within_its_budget_trimming_prefixes_from_their_end(
     llm.close()
     files = page_files(tmp_path)
     assert 0 < sum(f.stat().st_size for f in files) <= 0.1 * 2**20
-    disk = llm.engine.scheduler.disk
+    disk = llm.engine.kv.disk
     shape = tuple(llm.engine.pool.keys.shape[:2]) + (64, llm.config.head_dim)
     reachable = sum(len(disk.read(ids, 0, len(ids) // 64, shape, llm.dtype)) for ids in map(llm.prompt_ids, prompts))
     assert reachable == len(files) >= 2
@@ -195,7 +195,7 @@ def test_two_processes_writing_one_directory_at_once_leave_it_sound(checkpoint, 
         assert p.returncode == 0, err
     assert not list(tmp_path.glob("*/.*.tmp"))  # no temporary file left behind
     llm = LLM.load(folder, exact=True, cache_dir=tmp_path)
-    disk = llm.engine.scheduler.disk
+    disk = llm.engine.kv.disk
     shape = tuple(llm.engine.pool.keys.shape[:2]) + (64, llm.config.head_dim)
     expected = set()
     for prompt in (QUESTIONS[0], QUESTIONS[0] + " And again?"):  # every page of both prompts, each sound
@@ -234,7 +234,7 @@ def test_a_lookup_continues_on_disk_where_the_tree_ends(llm, tmp_path, split, le
     prompt = doc[: length - 1] + [5]
     expected = reference(llm, prompt)
     llm.configure(cache_dir=tmp_path, poison_freed=True)
-    s = llm.engine.scheduler
+    s = llm.engine.kv
     llm.generate(doc + [4], **GREEDY)
     llm.generate(doc[:split] + [3] * 10, **GREEDY)  # splits the document's node after `split` tokens
     for _ in range(3):  # least recently used leaves first: the first request's tokens, then the document's tail
@@ -247,4 +247,4 @@ def test_a_lookup_continues_on_disk_where_the_tree_ends(llm, tmp_path, split, le
     again = llm.generate(prompt, **GREEDY)
     assert again.cached_tokens == cached and again.token_ids == expected.token_ids
     assert s.tree.stats.lookups == lookups + 1
-    s.check_invariants()
+    llm.engine.scheduler.check_invariants()

@@ -111,7 +111,7 @@ def test_tiles_have_fixed_shapes_and_sample_only_where_asked(load):
     on chunk boundaries and are padded to a whole chunk, whatever their length, logits only where it samples."""
     from minillm.exact import tiles
     from minillm.kv_pool import DUMP_SLOT
-    from minillm.scheduler import Work
+    from minillm.plan import Work
 
     llm = load("llama")
 

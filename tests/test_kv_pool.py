@@ -70,7 +70,8 @@ def test_dynamic_rope_rows_of_different_lengths_in_one_forward_get_their_own_fre
 def test_a_lone_requests_consecutive_slots_are_written_and_read_in_place(load):
     """Consecutive slots (a lone request on a fresh pool) are written with one copy and attended through a view
     of the pool; scattered slots, or views=False (exact mode), go through index_copy / index_select."""
-    from minillm.forward_batch import ForwardBatch, Segment
+    from minillm.forward_batch import ForwardBatch
+    from minillm.plan import Segment
 
     pool = KVPool(load("llama").config, 20, torch.float32)
     run = Segment([5, 6, 7], 0, torch.tensor([4, 5, 6]))

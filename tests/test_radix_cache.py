@@ -117,7 +117,7 @@ class RadixMachine(RuleBasedStateMachine):
         assert self.cache.total_tokens == len(self.slot_of)  # one slot per prefix: nothing held twice
         for tokens, slots in self.cache.sequences():
             assert slots.tolist() == [self.slot_of[p] for p in prefixes(tokens)]
-        for node in self.cache._nodes():  # lock counts = live holders whose path runs through the node
+        for node in self.cache.nodes():  # lock counts = live holders whose path runs through the node
             holders = 0
             for _, _, locked in self.live:
                 while locked is not self.cache.root and locked is not node:

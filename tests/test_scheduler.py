@@ -5,17 +5,18 @@ import pytest
 import torch
 
 from minillm.kv_pool import KVPool
+from minillm.kv_manager import KVManager
 from minillm.scheduler import MAX_PASSED_OVER, Scheduler
 
 
 def make_scheduler(llm, slots=200, max_prefill_tokens=10, align=1, policy="fcfs"):
     pool = KVPool(llm.config, slots + 1, torch.float32)
-    return Scheduler(pool, max_batch=8, max_prefill_tokens=max_prefill_tokens, policy=policy, prefix_cache=True,
-                     align=align, cache_decode_kv=align == 1, chunk_prefill=True, disk=None)
+    kv = KVManager(pool, prefix_cache=True, align=align, cache_decode_kv=align == 1, disk=None)
+    return Scheduler(kv, max_batch=8, max_prefill_tokens=max_prefill_tokens, policy=policy, chunk_prefill=True)
 
 
 def plan(scheduler):
-    return [(w.request.id, w.start, w.length, w.sample) for w in scheduler.schedule()]
+    return [(w.request.id, w.start, w.length, w.sample) for w in scheduler.plan()]
 
 
 def requests(llm, *lengths, start=2):
@@ -54,7 +55,7 @@ def test_chunks_start_on_multiples_of_align(load, align, budget, chunks):
     s.add(a)
     seen = []
     while a.in_prefill:
-        (w,) = s.schedule()
+        (w,) = s.plan()
         assert type(w.length) is int and w.start == a.num_computed
         seen.append(w.length)
         a.num_computed += w.length
@@ -67,7 +68,7 @@ def test_a_preempted_request_waits_at_the_front_and_is_counted(load):
     a, b, c = requests(llm, 5, 5, 5)
     s.add(a)
     s.add(b)
-    s.schedule()
+    s.plan()
     s.add(c)
     s.preempt(a)
     s.preempt(b)
@@ -86,11 +87,11 @@ def test_a_resumed_request_hands_its_recomputed_prompt_to_the_tree(load):
     while len(handle.request.tokens) < len(prompt) + 3:
         engine.step()
     s.preempt(handle.request)
-    s.pool.free(s.tree.evict(10_000))
-    assert s.tree.total_tokens == 0
+    s.kv.pool.free(s.kv.tree.evict(10_000))
+    assert s.kv.tree.total_tokens == 0
     while handle.request.in_prefill or handle.request.num_computed < len(prompt):
         engine.step()
-    assert s.tree.match_length(prompt + [0]) == len(prompt)
+    assert s.kv.tree.match_length(prompt + [0]) == len(prompt)
     engine.run_until_done()
     s.check_invariants()
 
@@ -102,22 +103,22 @@ def broken(load, how):
     a, c, b = requests(llm, 6, 6, 6)
     s.add(a)
     s.add(c)
-    s.schedule()
+    s.plan()
     a.num_computed, c.num_computed = 6, 3
-    s.cache_prompt(a)
+    s.kv.cache_prompt(a)
     s.add(b)
     s.check_invariants()
     if how == "slot 0 handed out":
         c.slot_table[0] = 0
     elif how == "slot outside the pool":
-        s.pool._free[-1] = 41
+        s.kv.pool._free[-1] = 41
     elif how == "two owners":
-        s.pool._free.append(int(a.slot_table[a.num_cached - 1]))
+        s.kv.pool._free.append(int(a.slot_table[a.num_cached - 1]))
     elif how == "leaked":
-        s.pool._free.pop()
+        s.kv.pool._free.pop()
     elif how == "more allocated than tokens":
         a.num_allocated = a.num_tokens + 1
-        a.slot_table[a.num_tokens] = s.pool._free.pop()
+        a.slot_table[a.num_tokens] = s.kv.pool._free.pop()
     elif how == "computed beyond allocated":
         a.num_computed = a.num_allocated + 1
     elif how == "cached prefix not the tree's":
@@ -160,8 +161,8 @@ def test_a_prompt_is_handed_to_the_tree_once(load):
     llm = load("llama")
     llm.defaults.eos_token_ids = []
     s = llm.engine.scheduler
-    handed, original = [], s.cache_prompt
-    s.cache_prompt = lambda r: (handed.append(r.id), original(r))
+    handed, original = [], s.kv.cache_prompt
+    s.kv.cache_prompt = lambda r: (handed.append(r.id), original(r))
     out = llm.generate(list(range(2, 30)), max_new_tokens=6, temperature=0)
     assert len(handed) == 1 and len(out.token_ids) == 6
 
@@ -181,7 +182,7 @@ def test_a_request_waits_for_a_prefill_that_will_cache_what_it_needs(load, rest,
     base = list(range(2, 80))
     (x,) = [llm.request(base, max_new_tokens=2)]
     s.add(x)
-    s.schedule()  # x admitted, 4 of its tokens prefilled at most: still in prefill
+    s.plan()  # x admitted, 4 of its tokens prefilled at most: still in prefill
     r = llm.request(base[:shared] + [299] * (rest - shared) + [5], max_new_tokens=2)
     assert s._would_share_with_prefill(r, 0) is waits
 
@@ -190,10 +191,10 @@ def test_the_wait_counts_from_what_the_tree_already_holds(load):
     llm = load("llama")
     s = make_scheduler(llm, max_prefill_tokens=4)
     base = list(range(2, 80))
-    s.tree.insert(base[:20], s.pool.alloc(20))  # 20 tokens cached
+    s.kv.tree.insert(base[:20], s.kv.pool.alloc(20))  # 20 tokens cached
     x = llm.request(base, max_new_tokens=2)
     s.add(x)
-    s.schedule()
+    s.plan()
     r = llm.request(base[:30] + [5], max_new_tokens=2)  # 10 tokens left to compute, all being prefilled by x
     assert s._would_share_with_prefill(r, 20)
     assert not s._would_share_with_prefill(llm.request(base[:29] + [299, 5], max_new_tokens=2), 20)
@@ -203,33 +204,33 @@ def test_locks_follow_the_request_from_its_cached_prefix_to_its_whole_prompt(loa
     llm = load("llama")
     s = make_scheduler(llm)
     base = list(range(2, 40))
-    s.tree.insert(base[:10], s.pool.alloc(10))
+    s.kv.tree.insert(base[:10], s.kv.pool.alloc(10))
     r = llm.request(base[:20], max_new_tokens=2)
     s.add(r)
-    s.schedule()
-    assert r.num_cached == 10 and s.tree.protected_tokens == 10
+    s.plan()
+    assert r.num_cached == 10 and s.kv.tree.protected_tokens == 10
     r.num_computed = 20
-    s.cache_prompt(r)  # the lock moves from the 10 cached tokens to the whole 20-token prompt
+    s.kv.cache_prompt(r)  # the lock moves from the 10 cached tokens to the whole 20-token prompt
     s.check_invariants()
-    assert s.tree.protected_tokens == 20
+    assert s.kv.tree.protected_tokens == 20
     s.release(r)
     s.check_invariants()
-    assert s.tree.protected_tokens == 0
+    assert s.kv.tree.protected_tokens == 0
 
 
 def test_ensure_free_evicts_just_the_shortfall_and_nothing_when_it_cannot_succeed(load):
     llm = load("llama")
     s = make_scheduler(llm, slots=20)
     for i in range(10):  # ten one-token prompts cached: ten leaves of one slot each
-        s.pool.free(s.tree.insert([1000 + i], s.pool.alloc(1)))
-    assert s.pool.free_slots == 10 and s.tree.evictable_tokens == 10
-    assert s._ensure_free(13)  # 3 short: three leaves go, seven stay
-    assert s.pool.free_slots == 13 and s.tree.total_tokens == 7
-    assert s._ensure_free(5) and s.tree.total_tokens == 7  # enough free already: nothing goes
-    assert not s._ensure_free(21)  # more than free + evictable: refused, and nothing is evicted in vain
-    assert s.pool.free_slots == 13 and s.tree.total_tokens == 7
-    assert s._ensure_free(20)  # exactly free + evictable: all of it
-    assert s.pool.free_slots == 20 and s.tree.total_tokens == 0
+        s.kv.pool.free(s.kv.tree.insert([1000 + i], s.kv.pool.alloc(1)))
+    assert s.kv.pool.free_slots == 10 and s.kv.tree.evictable_tokens == 10
+    assert s.kv.ensure_free(13)  # 3 short: three leaves go, seven stay
+    assert s.kv.pool.free_slots == 13 and s.kv.tree.total_tokens == 7
+    assert s.kv.ensure_free(5) and s.kv.tree.total_tokens == 7  # enough free already: nothing goes
+    assert not s.kv.ensure_free(21)  # more than free + evictable: refused, and nothing is evicted in vain
+    assert s.kv.pool.free_slots == 13 and s.kv.tree.total_tokens == 7
+    assert s.kv.ensure_free(20)  # exactly free + evictable: all of it
+    assert s.kv.pool.free_slots == 20 and s.kv.tree.total_tokens == 0
     s.check_invariants()
 
 
@@ -246,7 +247,7 @@ def test_a_lone_request_that_outgrows_the_pool_ends_with_length_not_preemption(l
     c = llm.generate(list(range(2, 22)), max_new_tokens=12, temperature=0, ignore_eos=True)
     s = llm.engine.scheduler
     assert c.finish_reason == "length" and len(c.token_ids) == 9 and s.preemptions == 0
-    assert not s.has_work and s.pool.free_slots + s.tree.total_tokens == s.pool.num_slots
+    assert not s.has_work and s.kv.pool.free_slots + s.kv.tree.total_tokens == s.kv.pool.num_slots
     s.check_invariants()
 
 
@@ -275,11 +276,11 @@ def test_admission_order_fcfs_ignores_the_tree_and_aging_goes_first_in_both(load
     llm = load("llama")
     s = make_scheduler(llm, policy=policy)
     a, b, c, d = requests(llm, 5, 5, 5, 5)
-    s.pool.free(s.tree.insert(c.tokens[:4], s.pool.alloc(4)))
+    s.kv.pool.free(s.kv.tree.insert(c.tokens[:4], s.kv.pool.alloc(4)))
     d.passed_over = MAX_PASSED_OVER
     for r in (a, b, c, d):
         s.add(r)
-    s.schedule()
+    s.plan()
     expected = [d, a, b, c] if policy == "fcfs" else [d, c, a, b]
     assert [r.id for r in s.running] == [r.id for r in expected]
     s.check_invariants()
@@ -306,12 +307,12 @@ def test_a_request_that_does_not_fit_blocks_those_behind_it_and_counts_who_passe
     s = make_scheduler(llm, slots=30, policy="lpm")
     (running,) = requests(llm, 10, start=300)
     s.add(running)
-    s.schedule()
+    s.plan()
     x, y, z = requests(llm, 18, 4, 2)
-    s.pool.free(s.tree.insert(y.tokens[:3], s.pool.alloc(3)))
+    s.kv.pool.free(s.kv.tree.insert(y.tokens[:3], s.kv.pool.alloc(3)))
     for r in (x, y, z):
         s.add(r)
-    s.schedule()
+    s.plan()
     assert [r.id for r in s.running] == [running.id, y.id]
     assert [r.id for r in s.waiting] == [x.id, z.id] and x.passed_over == 1 and z.passed_over == 0
     s.check_invariants()
@@ -338,11 +339,11 @@ def test_admission_keeps_one_slot_per_running_request_for_its_next_token(load, l
     s = make_scheduler(llm, slots=20)
     (running,) = requests(llm, 10, start=300)
     s.add(running)
-    s.schedule()
-    assert s.pool.free_slots == 10
+    s.plan()
+    assert s.kv.pool.free_slots == 10
     (new,) = requests(llm, length)
     s.add(new)
-    s.schedule()
+    s.plan()
     assert (new in s.running) == admitted
     s.check_invariants()
 
@@ -352,11 +353,11 @@ def test_a_resumed_request_is_not_counted_again_in_the_hit_statistics(load):
     s = make_scheduler(llm)
     (a,) = requests(llm, 6)
     s.add(a)
-    s.schedule()
-    assert s.tree.stats.lookups == 1
+    s.plan()
+    assert s.kv.tree.stats.lookups == 1
     s.preempt(a)
-    s.schedule()
-    assert a in s.running and s.tree.stats.lookups == 1
+    s.plan()
+    assert a in s.running and s.kv.tree.stats.lookups == 1
     s.check_invariants()
 
 
@@ -382,7 +383,7 @@ def test_a_resumed_request_reuses_the_kv_of_its_generated_tokens_outside_exact_m
     while len(r.tokens) < len(prompt) + 5:
         llm.engine.step()
     llm.engine.scheduler.preempt(r)
-    llm.engine.scheduler.schedule()
+    llm.engine.scheduler.plan()
     assert r in llm.engine.scheduler.running and r.num_cached == r.num_tokens - 1 > len(prompt)
     llm.engine.run_until_done()
 
@@ -405,21 +406,22 @@ def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
     assert asked == [(0, 8, None), (8, 8, None), (16, 4, 3), (20, 1, 0)]
 
 
-def test_under_tensor_parallelism_every_forward_goes_through_the_leader(load, monkeypatch):
-    """The engine does not run the model itself when it leads other ranks: ranks.Leader broadcasts each plan
-    first (a stand-in leader here records the calls; tests/test_tensor_parallel.py runs real ranks)."""
-    import minillm.forward_batch
+def test_every_forward_goes_through_the_runner(load, monkeypatch):
+    """The engine never runs the model itself: its runner does (runner.py), the same lines for one process and
+    for ranks.Leader, which broadcasts each plan first (a recording runner here; tests/test_tensor_parallel.py
+    runs real ranks)."""
     from minillm.engine import Engine
+    from minillm.runner import LocalRunner
 
     llm = load("llama")
     calls = []
 
-    class RecordingLeader:
-        def run_forward(self, model, pool, segments, views):
+    class RecordingRunner(LocalRunner):
+        def forward(self, pool, segments, views):
             calls.append(len(segments))
-            return minillm.forward_batch.run(model, pool, segments, views)
+            return super().forward(pool, segments, views)
 
-    led = Engine(llm.model, llm.engine.scheduler, False, 64, 8, leader=RecordingLeader())
+    led = Engine(RecordingRunner(llm.model), llm.engine.scheduler, False, 64, 8)
     monkeypatch.setattr(llm, "engine", led)
     llm.generate(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True)
     assert calls == [1, 1, 1]

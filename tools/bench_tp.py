@@ -73,7 +73,7 @@ def child(args) -> dict:
     batch = llm.generate([ids(128, 10 + i) for i in range(args.batch)], max_new_tokens=args.new_tokens, **options)
     batch_s = time.perf_counter() - start
     ranks = [{"rank": 0, **memory(), "weight_bytes": weight_bytes(llm.model)}]
-    for rank, p in enumerate(llm.leader.followers if llm.leader else [], 1):
+    for rank, p in enumerate(getattr(llm.runner, "followers", []), 1):
         ranks.append({"rank": rank, **memory(p.pid)})
     for r in ranks:  # every rank's process imported the same python, torch and minillm as rank 0 before loading
         r["rss_less_before_load_bytes"] = r["VmRSS"] - before["VmRSS"]

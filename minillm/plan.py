@@ -1,0 +1,65 @@
+"""The step plan: what one step computes, as the scheduler decides it and a forward runs it.
+
+    Work      one request's part of a step: positions [start, start + length) of its tokens, and whether the
+              last of them picks the next token (the scheduler makes these)
+    Segment   one sequence's rows as a forward reads them: tokens, first position, the slot of every position
+              up to the last row, the row whose logits are wanted (forward_batch.py reads these; under tensor
+              parallelism they are what rank 0 sends the other ranks)
+    segment() the one from the other, optionally padded to a fixed number of rows (exact mode's tiles)
+
+Everything a forward needs is in the requests' tokens and slot tables, so a plan can run on any process that
+holds the same pool layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_pool import DUMP_SLOT
+
+if TYPE_CHECKING:
+    from .request import Request
+
+
+@dataclass
+class Work:
+    """One request's part of a step: positions [start, start + length) of its tokens."""
+
+    request: Request
+    start: int
+    length: int
+    sample: bool  # the last position's logits choose the next token (else: prefill chunk or replay)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.tokens_between(self.start, self.start + self.length)
+
+
+@dataclass
+class Segment:
+    """One sequence's rows: tokens at positions start .. start + len(tokens) - 1."""
+
+    tokens: list[int]
+    start: int
+    slots: torch.Tensor  # [start + len(tokens)] int64: the pool slot of every position up to the last row
+    logit_row: int | None = None  # the row (within the segment) whose logits are wanted, if any
+
+
+def segment(work: Work, start: int | None = None, length: int | None = None, rows: int | None = None,
+            logits: bool | None = None) -> Segment:
+    """Positions [start, start + length) of work's request (default: all of work's) as a forward's rows,
+    padded to `rows` rows (default: none) with rows that read token 0 and write to the pool's dump slot.
+    logits: those of its last real row are wanted (default: if work samples)."""
+    start = work.start if start is None else start
+    length = work.length if length is None else length
+    pad = 0 if rows is None else rows - length
+    tokens = work.request.tokens_between(start, start + length)
+    slots = work.request.slot_table[: start + length]
+    if pad:
+        tokens = tokens + [0] * pad
+        slots = torch.cat((slots, torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
+    wanted = work.sample if logits is None else logits
+    return Segment(tokens, start, slots, length - 1 if wanted else None)
