@@ -18,24 +18,54 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
-    parser.add_argument("--kv-mb", type=float, default=1024,
-                        help="memory for the KV pool that running requests and the prefix cache share (default 1024)")
+    parser.add_argument(
+        "--kv-mb",
+        type=float,
+        default=1024,
+        help="memory for the KV pool that running requests and the prefix cache share (default 1024)",
+    )
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one step (default 16)")
-    parser.add_argument("--schedule", choices=["lpm", "fcfs"], default="lpm",
-                        help="admission order: longest cached prefix first (default) or first come first served")
-    parser.add_argument("--exact", action="store_true",
-                        help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)")
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="keep weights in their checkpoint layout (plain F.linear: slower on CPU, bitwise transformers' fp32 results)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="weight-only quantization at load: int8 per output channel, int4 per group of input channels")
-    parser.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale and zero (default 32)")
-    parser.add_argument("--tp", type=int,
-                        help="tensor parallelism: split the model over this many processes on this machine "
-                             "(under torchrun: its processes, on one machine or several)")
-    parser.add_argument("--cache-dir", help="keep the prefix cache's KV on disk here, for later runs (default: $MINILLM_CACHE_DIR; none if unset)")
-    parser.add_argument("--disk-cache-mb", type=float, default=4096,
-                        help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)")
+    parser.add_argument(
+        "--schedule",
+        choices=["lpm", "fcfs"],
+        default="lpm",
+        help="admission order: longest cached prefix first (default) or first come first served",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="exact mode: cache hits give bitwise the logits of a cold run (chunked prefill)",
+    )
+    parser.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="keep weights in their checkpoint layout "
+        "(plain F.linear: slower on CPU, bitwise transformers' fp32 results)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="weight-only quantization at load: int8 per output channel, int4 per group of input channels",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=32, help="int4: input channels per scale and zero (default 32)"
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        help="tensor parallelism: split the model over this many processes on this machine "
+        "(under torchrun: its processes, on one machine or several)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="keep the prefix cache's KV on disk here, for later runs (default: $MINILLM_CACHE_DIR; none if unset)",
+    )
+    parser.add_argument(
+        "--disk-cache-mb",
+        type=float,
+        default=4096,
+        help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)",
+    )
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +83,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minillm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete one or more prompts (run concurrently, sharing the prefix cache)")
+    gen = commands.add_parser(
+        "generate", help="complete one or more prompts (run concurrently, sharing the prefix cache)"
+    )
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several run as one batch")
     gen.add_argument("--prompts-file", type=Path, help="one prompt per line, or JSONL with a 'prompt' field")
     _add_model_options(gen)
@@ -72,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     srv.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this are waiting")
     srv.add_argument("--served-model-name", help="the model id clients send (default: --model, or minillm-bundled)")
-    srv.add_argument("--max-body-mb", type=float, default=4,
-                     help="answer 413 to request bodies larger than this (default 4)")
-    ver = commands.add_parser("verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint")
+    srv.add_argument(
+        "--max-body-mb", type=float, default=4, help="answer 413 to request bodies larger than this (default 4)"
+    )
+    ver = commands.add_parser(
+        "verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint"
+    )
     ver.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
     ver.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     ver.add_argument("--device", default="cpu")
@@ -89,8 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args) -> dict:
     return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
         use_prefix_cache=not args.no_prefix_cache,
     )
 
@@ -98,11 +139,22 @@ def _options(args) -> dict:
 def load_llm(args):
     from .llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device, exact=args.exact,
-                    prepack=False if args.no_prepack else None, quantize=args.quantize, group_size=args.group_size,
-                    tp=args.tp, kv_mb=args.kv_mb, max_batch=args.max_batch,
-                    schedule_policy=args.schedule, prefix_cache=not args.no_prefix_cache, cache_dir=args.cache_dir,
-                    disk_cache_mb=args.disk_cache_mb)
+    return LLM.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        exact=args.exact,
+        prepack=False if args.no_prepack else None,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        tp=args.tp,
+        kv_mb=args.kv_mb,
+        max_batch=args.max_batch,
+        schedule_policy=args.schedule,
+        prefix_cache=not args.no_prefix_cache,
+        cache_dir=args.cache_dir,
+        disk_cache_mb=args.disk_cache_mb,
+    )
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -123,9 +175,11 @@ def read_prompts_file(path: Path) -> list[str]:
 
 
 def _stats_line(c, index: int) -> str:
-    return (f"[{index}: {c.prompt_tokens} prompt tokens ({c.cached_tokens} cached, {c.computed_tokens} computed), "
-            f"ttft {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, {len(c.token_ids)} new tokens, "
-            f"decode {c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]")
+    return (
+        f"[{index}: {c.prompt_tokens} prompt tokens ({c.cached_tokens} cached, {c.computed_tokens} computed), "
+        f"ttft {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, {len(c.token_ids)} new tokens, "
+        f"decode {c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]"
+    )
 
 
 def _summary(completions) -> str:
@@ -136,8 +190,10 @@ def _summary(completions) -> str:
     seconds = sum(c.prefill_s for c in completions)
     saved = cached * seconds / computed if computed else 0.0
     rate = cached / (cached + computed) if cached + computed else 0.0
-    return (f"[prefix cache: {len(completions)} prompts, hit rate {rate:.1%}, {cached} of {cached + computed} "
-            f"prompt tokens reused, about {saved:.2f} s of prefill saved]")
+    return (
+        f"[prefix cache: {len(completions)} prompts, hit rate {rate:.1%}, {cached} of {cached + computed} "
+        f"prompt tokens reused, about {saved:.2f} s of prefill saved]"
+    )
 
 
 def _chat_prompt(llm, text: str, system: str | None) -> list[int]:
@@ -153,7 +209,9 @@ def generate(args) -> int:
         raise MinillmError("no prompt given; pass the prompt text as an argument or use --prompts-file")
     llm = load_llm(args)
     chat = args.chat or args.system is not None
-    requests = [llm.request(_chat_prompt(llm, text, args.system) if chat else text, **_options(args)) for text in prompts]
+    requests = [
+        llm.request(_chat_prompt(llm, text, args.system) if chat else text, **_options(args)) for text in prompts
+    ]
     handles = [llm.engine.submit(r) for r in requests]
     completions = []
     for index, handle in enumerate(handles, 1):
@@ -180,13 +238,17 @@ def _close(llm) -> None:
     disk = llm.engine.kv.disk
     if disk is not None and disk.enabled:
         page = disk.page
-        print(f"[disk cache: {disk.pages_read * page} tokens read in {disk.read_s:.3f} s, {disk.pages_written * page} "
-              f"written in {disk.write_s:.3f} s, in {disk.dir}]", file=sys.stderr, flush=True)
+        print(
+            f"[disk cache: {disk.pages_read * page} tokens read in {disk.read_s:.3f} s, {disk.pages_written * page} "
+            f"written in {disk.write_s:.3f} s, in {disk.dir}]",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def cache(args) -> int:
     """python -m minillm cache info | clear: what the disk tier holds, and removing it."""
-    from . import disk_cache
+    from .cache import disk_cache
 
     root = args.cache_dir or os.environ.get(disk_cache.ENV_DIR)
     if not root:
@@ -200,8 +262,10 @@ def cache(args) -> int:
         return 0
     print(f"{root}: {len(entries)} fingerprint(s)")
     for e in entries:
-        print(f"  {e['fingerprint']}  {e['pages']} pages, {e['tokens']} tokens, {e['bytes'] / 2**20:.1f} MiB  "
-              f"({e['model']}, {e['dtype']}{', exact' if e['exact'] is True else ''})")
+        print(
+            f"  {e['fingerprint']}  {e['pages']} pages, {e['tokens']} tokens, {e['bytes'] / 2**20:.1f} MiB  "
+            f"({e['model']}, {e['dtype']}{', exact' if e['exact'] is True else ''})"
+        )
     return 0
 
 
@@ -231,8 +295,12 @@ def chat(args) -> int:
         c = stream.completion
         completions.append(c)
         messages.append({"role": "assistant", "content": c.text})
-        print(f"[turn {len(completions)}: reused {c.cached_tokens} of {c.prompt_tokens} prompt tokens, "
-              f"ttft {c.ttft_s * 1000:.0f} ms, decode {c.decode_tok_s:.1f} tok/s]", file=sys.stderr, flush=True)
+        print(
+            f"[turn {len(completions)}: reused {c.cached_tokens} of {c.prompt_tokens} prompt tokens, "
+            f"ttft {c.ttft_s * 1000:.0f} ms, decode {c.decode_tok_s:.1f} tok/s]",
+            file=sys.stderr,
+            flush=True,
+        )
     if completions:
         print(_summary(completions), file=sys.stderr)
     _close(llm)
@@ -242,16 +310,22 @@ def chat(args) -> int:
 def serve(args) -> int:
     """Load the model, then hand it to the HTTP server (server.py), which steps it on this thread."""
     try:
-        from .server import ServerSettings, serve as run_server
+        from .serving.server import ServerSettings
+        from .serving.server import serve as run_server
     except ImportError as e:
-        raise MinillmError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
-                           "pip install 'minillm[serve]'") from None
+        raise MinillmError(
+            f"the server needs fastapi, uvicorn and prometheus-client ({e}); pip install 'minillm[serve]'"
+        ) from None
     if args.max_body_mb <= 0:
         raise MinillmError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     settings = ServerSettings(
-        model_name=args.served_model_name or (args.model if args.model else "minillm-bundled"), host=args.host,
-        port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-        max_body_bytes=int(args.max_body_mb * 2**20))
+        model_name=args.served_model_name or (args.model if args.model else "minillm-bundled"),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
     return run_server(load_llm(args), settings)
 
 

@@ -21,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from . import disk_cache, limits
-from . import exact as exact_mode
-from . import quantize as quantization
-from . import ranks
-from .config import DTYPES, ModelConfig, load_config, read_json
+from . import limits, ranks
+from .cache import disk_cache
+from .cache.kv_pool import kv_bytes_per_token
+from .engine import exact as exact_mode
+from .engine.engine import Engine, RequestHandle
+from .engine.kv_manager import KVManager
+from .engine.request import Completion, Request
+from .engine.runner import LocalRunner, Runner
+from .engine.sampling import Sampler, SamplingParams
+from .engine.scheduler import POLICIES, Scheduler
 from .errors import MinillmError
-from .kv_manager import KVManager
-from .kv_pool import kv_bytes_per_token
-from .loader import load_model, resolve_model_dir
-from .model import CausalLM
-from .engine import Engine, RequestHandle
-from .request import Completion, Request
-from .runner import LocalRunner, Runner
-from .sampling import Sampler, SamplingParams
-from .scheduler import POLICIES, Scheduler
+from .loading import quantize as quantization
+from .loading.loader import load_model, resolve_model_dir
+from .model.config import DTYPES, ModelConfig, load_config, read_json
+from .model.model import CausalLM
 from .tokenizer import StopStrings, StreamDecoder, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -69,7 +69,7 @@ class GenerationDefaults:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_folder(cls, folder: Path, config: ModelConfig) -> "GenerationDefaults":
+    def from_folder(cls, folder: Path, config: ModelConfig) -> GenerationDefaults:
         path = folder / "generation_config.json"
         raw = read_json(path) if path.is_file() else {}
         eos = raw.get("eos_token_id")
@@ -89,9 +89,17 @@ class GenerationDefaults:
 
 
 class LLM:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, defaults: GenerationDefaults, device: str,
-                 exact: bool = False, model_dir: Path | None = None, runner: Runner | None = None,
-                 **engine_options):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        defaults: GenerationDefaults,
+        device: str,
+        exact: bool = False,
+        model_dir: Path | None = None,
+        runner: Runner | None = None,
+        **engine_options,
+    ):
         self.model = model
         # what runs each forward: this process, or under tensor parallelism rank 0's ranks.Leader (runner.py)
         self.runner = runner or LocalRunner(model)
@@ -107,9 +115,18 @@ class LLM:
         self.configure(**engine_options)
 
     @classmethod
-    def load(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
-             exact: bool = False, prepack: bool | None = None, quantize: str | None = None,
-             group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: int | None = None, **engine_options) -> "LLM":
+    def load(
+        cls,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        exact: bool = False,
+        prepack: bool | None = None,
+        quantize: str | None = None,
+        group_size: int = quantization.DEFAULT_GROUP_SIZE,
+        tp: int | None = None,
+        **engine_options,
+    ) -> LLM:
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
         keeps the checkpoint's own; "float32", "bfloat16" or "float16" converts the weights as they load.
         exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
@@ -128,8 +145,15 @@ class LLM:
         folder = bundled_model() if model is None else resolve_model_dir(str(model))
         config = load_config(folder)
         dtype_name = next((name for name, d in DTYPES.items() if d == dtype), None)
-        load_args = dict(folder=str(folder), dtype=dtype_name, device=device, prepack=prepack, quantize=quantize,
-                         group_size=group_size, exact=exact)
+        load_args = dict(
+            folder=str(folder),
+            dtype=dtype_name,
+            device=device,
+            prepack=prepack,
+            quantize=quantize,
+            group_size=group_size,
+            exact=exact,
+        )
         rank, followers, device = ranks.start(tp, config, device, load_args)
         try:
             network = load_model(folder, config, dtype, device, prepack, quantize, group_size, rank, exact)
@@ -142,14 +166,31 @@ class LLM:
         if rank is not None and rank.rank > 0:  # a follower under torchrun
             ranks.follow_and_exit(network, device)
         runner = ranks.Leader(network, followers) if rank is not None else None
-        return cls(network, Tokenizer(folder), GenerationDefaults.from_folder(folder, config), device, exact, folder,
-                   runner, **engine_options)
+        return cls(
+            network,
+            Tokenizer(folder),
+            GenerationDefaults.from_folder(folder, config),
+            device,
+            exact,
+            folder,
+            runner,
+            **engine_options,
+        )
 
-    def configure(self, kv_mb: float = DEFAULT_KV_MB, kv_tokens: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, schedule_policy: str = "lpm",
-                  prefix_cache: bool = True, exact_chunk: int = exact_mode.DEFAULT_CHUNK,
-                  exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS, poison_freed: bool = False,
-                  cache_dir: str | Path | None = None, disk_cache_mb: float = disk_cache.DEFAULT_BUDGET_MB) -> None:
+    def configure(
+        self,
+        kv_mb: float = DEFAULT_KV_MB,
+        kv_tokens: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        schedule_policy: str = "lpm",
+        prefix_cache: bool = True,
+        exact_chunk: int = exact_mode.DEFAULT_CHUNK,
+        exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS,
+        poison_freed: bool = False,
+        cache_dir: str | Path | None = None,
+        disk_cache_mb: float = disk_cache.DEFAULT_BUDGET_MB,
+    ) -> None:
         """(Re)build the engine: a fresh KV pool and an empty prefix cache.
         kv_mb: memory for the KV pool, shared by running requests and the prefix cache (kv_tokens: its size in
         tokens instead). max_batch: requests running at once. max_prefill_tokens: prompt tokens per step
@@ -163,20 +204,28 @@ class LLM:
             self._close_engine()  # the old engine's cached KV goes to the disk tier, if there is one
         if schedule_policy not in POLICIES:
             raise MinillmError(f"unknown schedule policy {schedule_policy!r}; choose one of {', '.join(POLICIES)}")
-        for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens),
-                            ("exact_chunk", exact_chunk), ("exact_decode_rows", exact_decode_rows)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_prefill_tokens", max_prefill_tokens),
+            ("exact_chunk", exact_chunk),
+            ("exact_decode_rows", exact_decode_rows),
+        ):
             if value < 1:
                 raise MinillmError(f"{name} must be at least 1, got {value}")
         if kv_tokens is None:  # per rank under tensor parallelism: a rank holds only its kv heads
             kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.model.rank_config, self.dtype)
         if kv_tokens < 2:
-            raise MinillmError(f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb")
+            raise MinillmError(
+                f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb"
+            )
         if disk_cache_mb <= 0:
             raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
         cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
         if cache_dir and self.runner.ranks > 1:  # refused before any rank builds a new pool
-            raise MinillmError("the prefix cache's disk tier does not work with tensor parallelism yet "
-                               f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}")
+            raise MinillmError(
+                "the prefix cache's disk tier does not work with tensor parallelism yet "
+                f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}"
+            )
         pool = self.runner.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
@@ -190,10 +239,20 @@ class LLM:
                 ref = weakref.ref(self)
                 self._close_at_exit = lambda: ref() is not None and ref().close()
                 atexit.register(self._close_at_exit)
-        kv = KVManager(pool, prefix_cache=prefix_cache and not dynamic, align=exact_chunk if self.exact else 1,
-                       cache_decode_kv=not self.exact, disk=disk)
-        scheduler = Scheduler(kv, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, policy=schedule_policy,
-                              chunk_prefill=not dynamic)
+        kv = KVManager(
+            pool,
+            prefix_cache=prefix_cache and not dynamic,
+            align=exact_chunk if self.exact else 1,
+            cache_decode_kv=not self.exact,
+            disk=disk,
+        )
+        scheduler = Scheduler(
+            kv,
+            max_batch=max_batch,
+            max_prefill_tokens=max_prefill_tokens,
+            policy=schedule_policy,
+            chunk_prefill=not dynamic,
+        )
         self.engine = Engine(self.runner, scheduler, self.exact, exact_chunk, exact_decode_rows)
 
     def _close_engine(self) -> None:
@@ -232,7 +291,8 @@ class LLM:
             raise MinillmError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         if len(ids) >= limit:
             raise MinillmError(
-                f"the prompt has {len(ids)} tokens but the {where} holds {limit} (prompt plus at least one new token); shorten it"
+                f"the prompt has {len(ids)} tokens but the {where} holds {limit} "
+                "(prompt plus at least one new token); shorten it"
             )
         return ids
 
@@ -249,8 +309,9 @@ class LLM:
         time and memory (about 300 bytes per character). TEXT_MARGIN covers normalizers that shrink text."""
         size = len(text.encode("utf-8", errors="replace"))
         if size > TEXT_MARGIN * self.tokenizer.max_token_bytes * limit:
-            raise MinillmError(f"the prompt has {size} bytes of text, far more than the {where} holds "
-                               f"({limit} tokens); shorten it")
+            raise MinillmError(
+                f"the prompt has {size} bytes of text, far more than the {where} holds ({limit} tokens); shorten it"
+            )
         return self.tokenizer.encode(text, add_special_tokens=special_tokens)
 
     @torch.inference_mode()
@@ -261,9 +322,17 @@ class LLM:
 
     # -- generation -----------------------------------------------------------------------------------
 
-    def request(self, prompt: str | list[int], max_new_tokens: int | None = None, stop: str | list[str] | None = None,
-                use_prefix_cache: bool = True, return_logits: bool = False, logprobs: int | None = None,
-                ignore_eos: bool = False, **sampling_options) -> Request:
+    def request(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        use_prefix_cache: bool = True,
+        return_logits: bool = False,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
+        **sampling_options,
+    ) -> Request:
         """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
         names = [f.name for f in fields(SamplingParams)]
         unknown = set(sampling_options) - set(names)
@@ -277,29 +346,42 @@ class LLM:
         max_new_tokens = limits.check("max_new_tokens", max_new_tokens) or self.defaults.max_new_tokens
         limits.check("logprobs", logprobs)
         stops = limits.check_stop(stop)
-        for name, flag in (("use_prefix_cache", use_prefix_cache), ("return_logits", return_logits),
-                           ("ignore_eos", ignore_eos)):
+        for name, flag in (
+            ("use_prefix_cache", use_prefix_cache),
+            ("return_logits", return_logits),
+            ("ignore_eos", ignore_eos),
+        ):
             limits.check_flag(name, flag)
         ids = self.prompt_ids(prompt)
         eos_ids = set() if ignore_eos else set(self.defaults.eos_token_ids)
         return Request(
-            ids, sampler, StopStrings(stops),
-            StreamDecoder(self.tokenizer), min(max_new_tokens, self.config.context_length - len(ids)),
-            eos_ids, use_prefix_cache, return_logits, logprobs, self.config.vocab_size,
+            ids,
+            sampler,
+            StopStrings(stops),
+            StreamDecoder(self.tokenizer),
+            min(max_new_tokens, self.config.context_length - len(ids)),
+            eos_ids,
+            use_prefix_cache,
+            return_logits,
+            logprobs,
+            self.config.vocab_size,
         )
 
     def submit(self, prompt: str | list[int], **options) -> RequestHandle:
         """Queue a request in the engine; iterate the handle for its text, or call .result()."""
         return self.engine.submit(self.request(prompt, **options))
 
-    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], **options) -> Completion | list[Completion]:
+    def generate(
+        self, prompt: str | list[int] | list[str] | list[list[int]], **options
+    ) -> Completion | list[Completion]:
         """Generate a completion; given a list of prompts, a list of completions computed concurrently (up to
         max_batch at a time). Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
         presence_penalty, frequency_penalty, seed, stop (a string or list of strings), use_prefix_cache
         (default True), return_logits (keep each step's raw logits in Completion.logits), logprobs (record
         each token's logprob and this many alternatives in Completion.logprobs), ignore_eos (go on past
         end-of-sequence tokens, to max_new_tokens or a stop string: what benchmarks use). Unset options take
-        the checkpoint's generation_config.json defaults; temperature 0 is greedy. A seed makes a request's tokens the same whatever runs beside it."""
+        the checkpoint's generation_config.json defaults; temperature 0 is greedy. A seed makes a request's
+        tokens the same whatever runs beside it."""
         if isinstance(prompt, list) and prompt and not _is_token_id(prompt[0]):
             requests = [self.request(p, **options) for p in prompt]  # all checked before any runs
             handles = [self.engine.submit(r) for r in requests]

@@ -36,12 +36,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import forward_batch
+from .cache.kv_pool import KVPool
+from .engine import forward_batch
+from .engine.plan import Segment
 from .errors import MinillmError
-from .kv_pool import KVPool
-from .model import CausalLM, SequenceKV
-from .plan import Segment
-from .tensor_parallel import RankFailure, TensorParallel
+from .model.model import CausalLM, SequenceKV
+from .model.tensor_parallel import RankFailure, TensorParallel
 
 ENV_TIMEOUT = "MINILLM_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
@@ -75,8 +75,9 @@ def join(rank: int, size: int, device: str, master: tuple[str, int] | None = Non
     if master is None:
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
     else:
-        store = dist.TCPStore(master[0], master[1], size, rank == 0,
-                              timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+        store = dist.TCPStore(
+            master[0], master[1], size, rank == 0, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
+        )
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
 
 
@@ -88,7 +89,9 @@ def loaded() -> None:
         else:
             dist.barrier()
     except RuntimeError as e:
-        raise RankFailure(f"tensor parallel: a rank failed while loading ({str(e).strip().splitlines()[0][:160]})") from None
+        raise RankFailure(
+            f"tensor parallel: a rank failed while loading ({str(e).strip().splitlines()[0][:160]})"
+        ) from None
 
 
 class Leader:
@@ -112,8 +115,10 @@ class Leader:
         if isinstance(self.failure, RankFailure):
             raise RankFailure(str(self.failure))
         if self.failure is not None:
-            raise RankFailure(f"tensor parallel: the ranks fell out of step after an error in a step ({self.failure!r}); "
-                              "load the model again")
+            raise RankFailure(
+                f"tensor parallel: the ranks fell out of step after an error in a step ({self.failure!r}); "
+                "load the model again"
+            )
 
     def _run(self, plan: tuple, compute=None):
         """Send the plan, then (with the followers) compute; any failure breaks the group for good, since the
@@ -212,7 +217,9 @@ def start(tp: int | None, config, device: str, load_args: dict) -> tuple[TensorP
         return None, [], device
     parallel = TensorParallel(config, 0, tp)
     if torch.device(device).type != "cpu":
-        raise MinillmError(f"LLM.load(tp=...) starts its ranks on this machine's CPU; on {device}, launch with torchrun")
+        raise MinillmError(
+            f"LLM.load(tp=...) starts its ranks on this machine's CPU; on {device}, launch with torchrun"
+        )
     threads = max(1, torch.get_num_threads() // tp)  # the process's threads, shared out among the ranks
     followers, master = _spawn_followers(tp, load_args, threads)
     torch.set_num_threads(threads)
@@ -266,8 +273,8 @@ def follower_main(message: str) -> None:
     """Entry point of a follower started by _spawn_followers."""
     from pathlib import Path
 
-    from .config import DTYPES, load_config
-    from .loader import load_model
+    from .loading.loader import load_model
+    from .model.config import DTYPES, load_config
 
     spec = json.loads(message)
     torch.set_num_threads(spec["threads"])
@@ -277,8 +284,17 @@ def follower_main(message: str) -> None:
         join(rank, size, load["device"], tuple(spec["master"]))
         config = load_config(folder)
         dtype = DTYPES[load["dtype"]] if load["dtype"] else None
-        model = load_model(folder, config, dtype, load["device"], load["prepack"], load["quantize"],
-                           load["group_size"], TensorParallel(config, rank, size), load["exact"])
+        model = load_model(
+            folder,
+            config,
+            dtype,
+            load["device"],
+            load["prepack"],
+            load["quantize"],
+            load["group_size"],
+            TensorParallel(config, rank, size),
+            load["exact"],
+        )
         loaded()
     except MinillmError as e:
         print(f"minillm: error: rank {rank}: {e}", file=sys.stderr, flush=True)

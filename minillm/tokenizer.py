@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import read_json
 from .errors import MinillmError
+from .model.config import read_json
 
 # Texts longer than this are encoded through encode_batch, which lets other threads run meanwhile (a server's
 # event loop and the engine's step: a 2 MB prompt takes seconds to tokenize).
@@ -56,7 +56,9 @@ class Tokenizer:
     def __init__(self, folder: Path):
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise MinillmError(f"{folder} has no tokenizer.json; minillm needs the fast-tokenizer file of the checkpoint")
+            raise MinillmError(
+                f"{folder} has no tokenizer.json; minillm needs the fast-tokenizer file of the checkpoint"
+            )
         try:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exceptions for malformed files
@@ -105,13 +107,18 @@ class Tokenizer:
         """Render a conversation ([{"role": ..., "content": ...}]) into the prompt text the model was tuned on.
         add_generation_prompt appends the header of the assistant's turn, so the model answers next."""
         if not self.chat_template:
-            raise MinillmError("this checkpoint has no chat template in tokenizer_config.json; prompt it without --chat")
+            raise MinillmError(
+                "this checkpoint has no chat template in tokenizer_config.json; prompt it without --chat"
+            )
         if self._render is None:
             self._render = _render_function(self.chat_template)
         try:
             return self._render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
             )
         except Exception as e:  # TemplateError and whatever a template's own code raises
             raise MinillmError(f"the chat template failed to render ({e})") from None

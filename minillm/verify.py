@@ -73,8 +73,11 @@ def check_parity(llm: LLM, folder, prompts) -> Check:
             worst = max(worst, float((llm.logits(ids) - ref).abs().max()))
             scale = max(scale, float(ref.abs().max()))
     limit = TOLERANCE[llm.dtype] * max(1.0, scale)
-    return Check("parity", "pass" if worst <= limit else "fail",
-                 f"largest logit difference to transformers {worst:.2e} (limit {limit:.0e}) over {len(prompts)} prompts")
+    return Check(
+        "parity",
+        "pass" if worst <= limit else "fail",
+        f"largest logit difference to transformers {worst:.2e} (limit {limit:.0e}) over {len(prompts)} prompts",
+    )
 
 
 def check_cache(llm: LLM, prompts, new_tokens: int) -> Check:
@@ -86,21 +89,31 @@ def check_cache(llm: LLM, prompts, new_tokens: int) -> Check:
     hits = sum(w.cached_tokens for w in warm)
     worst, limit = _max_diff(warm, cold), _limit(llm, cold)
     ok = hits > 0 and worst <= limit
-    return Check("cache", "pass" if ok else "fail",
-                 f"{hits} prompt tokens from the cache; largest logit difference to cold runs {worst:.2e} (limit {limit:.0e})")
+    return Check(
+        "cache",
+        "pass" if ok else "fail",
+        f"{hits} prompt tokens from the cache; largest logit difference to cold runs {worst:.2e} (limit {limit:.0e})",
+    )
 
 
 def check_chunked(llm: LLM, prompts, new_tokens: int) -> Check:
     llm.configure(max_prefill_tokens=max(len(p) for p in prompts))
-    whole = [llm.generate(p, max_new_tokens=new_tokens, temperature=0, return_logits=True, use_prefix_cache=False)
-             for p in prompts]
+    whole = [
+        llm.generate(p, max_new_tokens=new_tokens, temperature=0, return_logits=True, use_prefix_cache=False)
+        for p in prompts
+    ]
     llm.configure(max_prefill_tokens=7)
-    chunked = [llm.generate(p, max_new_tokens=new_tokens, temperature=0, return_logits=True, use_prefix_cache=False)
-               for p in prompts]
+    chunked = [
+        llm.generate(p, max_new_tokens=new_tokens, temperature=0, return_logits=True, use_prefix_cache=False)
+        for p in prompts
+    ]
     worst, limit = _max_diff(chunked, whole), _limit(llm, whole)
     llm.configure()
-    return Check("chunked", "pass" if worst <= limit else "fail",
-                 f"prefill in 7-token chunks against whole: largest logit difference {worst:.2e} (limit {limit:.0e})")
+    return Check(
+        "chunked",
+        "pass" if worst <= limit else "fail",
+        f"prefill in 7-token chunks against whole: largest logit difference {worst:.2e} (limit {limit:.0e})",
+    )
 
 
 def check_batched(llm: LLM, prompts, new_tokens: int) -> Check:
@@ -112,9 +125,12 @@ def check_batched(llm: LLM, prompts, new_tokens: int) -> Check:
     same = sum(a.token_ids == t.token_ids for a, t in zip(alone, together))
     llm.engine.scheduler.check_invariants()
     ok = worst <= limit and same == len(prompts)
-    return Check("batched", "pass" if ok else "fail",
-                 f"{same}/{len(prompts)} requests with the same tokens batched and alone; largest logit difference "
-                 f"{worst:.2e} (limit {limit:.0e})")
+    return Check(
+        "batched",
+        "pass" if ok else "fail",
+        f"{same}/{len(prompts)} requests with the same tokens batched and alone; largest logit difference "
+        f"{worst:.2e} (limit {limit:.0e})",
+    )
 
 
 def check_exact(llm: LLM, prompts, new_tokens: int) -> Check:
@@ -125,17 +141,23 @@ def check_exact(llm: LLM, prompts, new_tokens: int) -> Check:
     equal = sum(torch.equal(a.logits, b.logits) and a.token_ids == b.token_ids for a, b in zip(cold, warm_batched))
     hits = sum(c.cached_tokens for c in warm_batched)
     ok = equal == len(prompts) and hits > 0
-    return Check("exact", "pass" if ok else "fail",
-                 f"{equal}/{len(prompts)} requests bitwise equal cold-alone and cached-batched ({hits} cached tokens)")
+    return Check(
+        "exact",
+        "pass" if ok else "fail",
+        f"{equal}/{len(prompts)} requests bitwise equal cold-alone and cached-batched ({hits} cached tokens)",
+    )
 
 
 def check_kv_bytes(llm: LLM) -> Check:
     c = llm.config
     expected = 2 * c.num_layers * c.num_kv_heads * c.head_dim * llm.dtype.itemsize
     got = llm.engine.pool.bytes_per_token()
-    return Check("kv_bytes", "pass" if got == expected else "fail",
-                 f"{got} bytes per token; config implies 2 x {c.num_layers} layers x {c.num_kv_heads} kv heads x "
-                 f"{c.head_dim} x {llm.dtype.itemsize} bytes = {expected}")
+    return Check(
+        "kv_bytes",
+        "pass" if got == expected else "fail",
+        f"{got} bytes per token; config implies 2 x {c.num_layers} layers x {c.num_kv_heads} kv heads x "
+        f"{c.head_dim} x {llm.dtype.itemsize} bytes = {expected}",
+    )
 
 
 def _guarded(name: str, check, *args) -> Check:
@@ -162,8 +184,8 @@ def verify(llm: LLM, folder, prompts: int = 4, length: int = 48, new_tokens: int
 
 
 def main(args) -> int:
-    from .loader import resolve_model_dir
     from .llm import bundled_model
+    from .loading.loader import resolve_model_dir
 
     folder = bundled_model() if args.model is None else resolve_model_dir(args.model)
     llm = LLM.load(folder, dtype=args.dtype, device=args.device, prepack=False if args.no_prepack else None)
@@ -171,11 +193,23 @@ def main(args) -> int:
     checks = verify(llm, folder, prompts=args.prompts)
     failed = [c for c in checks if c.status == "fail"]
     if args.json:
-        print(json.dumps({"model": str(folder), "dtype": str(llm.dtype), "passed": not failed,
-                          "seconds": round(time.perf_counter() - start, 1), "checks": [asdict(c) for c in checks]}))
+        print(
+            json.dumps(
+                {
+                    "model": str(folder),
+                    "dtype": str(llm.dtype),
+                    "passed": not failed,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "checks": [asdict(c) for c in checks],
+                }
+            )
+        )
     else:
         for c in checks:
             print(f"{c.status.upper():4}  {c.name:9} {c.detail}")
-        print(f"{'FAILED' if failed else 'OK'}: {len(checks) - len(failed)} of {len(checks)} checks did not fail "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        print(
+            f"{'FAILED' if failed else 'OK'}: {len(checks) - len(failed)} of {len(checks)} checks did not fail "
+            f"({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+        )
     return 1 if failed else 0

@@ -19,7 +19,8 @@ CHATML = (
 )
 
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e, emoji \U0001f600!",
+    "The quick brown fox jumps over the lazy dog. Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e, "
+    "emoji \U0001f600!",
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
     "In the beginning the model read the document, then the question, and answered.\n",
 ] * 20
@@ -40,30 +41,54 @@ def write_tokenizer(folder: Path, bos: bool = True) -> None:
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>" if bos else None, "eos_token": "</s>", "chat_template": CHATML,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": "<s>" if bos else None,
+        "eos_token": "</s>",
+        "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def make_checkpoint(folder: Path, family: str = "llama", dtype=torch.float32, seed: int = 0,
-                    max_shard_size: str | None = None, bos: bool = True, generation: dict | None = None,
-                    **overrides) -> Path:
+def make_checkpoint(
+    folder: Path,
+    family: str = "llama",
+    dtype=torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    bos: bool = True,
+    generation: dict | None = None,
+    **overrides,
+) -> Path:
     """Write a random-init checkpoint of `family` (2 layers, hidden 64, 4 heads over 2 KV heads)."""
     import transformers
 
     kwargs = dict(FAMILIES[family])
     model_type = kwargs.pop("model_type")
-    kwargs.update(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=0, eos_token_id=1)
+    kwargs.update(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     kwargs.update(overrides)
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)

@@ -8,7 +8,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-
 from checkpoints import make_checkpoint  # noqa: E402
 
 

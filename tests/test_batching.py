@@ -111,7 +111,9 @@ def test_preempted_request_resumes_bitwise_as_if_uninterrupted(exact_llm):
     prompts = [[rng.randrange(2, 300) for _ in range(20)] for _ in range(3)]
     alone = run_alone(llm, [(0, p, dict(max_new_tokens=30, temperature=0.8, seed=i)) for i, p in enumerate(prompts)])
     llm.configure(kv_tokens=80, exact_chunk=16, exact_decode_rows=4, poison_freed=True)  # 3 x 50 tokens do not fit
-    batched = run_batched(llm, [(0, p, dict(max_new_tokens=30, temperature=0.8, seed=i)) for i, p in enumerate(prompts)])
+    batched = run_batched(
+        llm, [(0, p, dict(max_new_tokens=30, temperature=0.8, seed=i)) for i, p in enumerate(prompts)]
+    )
     assert llm.engine.scheduler.preemptions > 0
     assert_close_runs(batched, alone, atol=0)
 
@@ -235,7 +237,7 @@ def test_the_serving_loop_sleeps_while_idle_and_stops_when_asked(load, monkeypat
     steps = []
     real_step = engine.step
     monkeypatch.setattr(engine, "step", lambda: steps.append(1) or real_step())
-    monkeypatch.setattr("minillm.engine.IDLE_WAIT_S", 0.05)
+    monkeypatch.setattr("minillm.engine.engine.IDLE_WAIT_S", 0.05)
     release = threading.Event()
     real_serve = engine.serve
     monkeypatch.setattr(engine, "serve", lambda should_stop: release.wait(10) and real_serve(should_stop))
@@ -264,7 +266,7 @@ def test_a_failing_forward_ends_every_request_and_frees_its_slots(load, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr("minillm.forward_batch.run", broken)
+    monkeypatch.setattr("minillm.engine.forward_batch.run", broken)
     with pytest.raises(RuntimeError, match="planted"):
         llm.engine.step()
     for h in handles:
@@ -285,8 +287,11 @@ class EngineMachine(RuleBasedStateMachine):
         self.llm.configure(kv_tokens=60, max_batch=3, max_prefill_tokens=8, poison_freed=True)
         self.handles = []
 
-    @rule(base=st.sampled_from([[5, 6, 7, 8, 9, 10], [5, 6, 7, 30], [40]]), tail=st.lists(st.integers(2, 299), max_size=8),
-          new=st.integers(1, 10))
+    @rule(
+        base=st.sampled_from([[5, 6, 7, 8, 9, 10], [5, 6, 7, 30], [40]]),
+        tail=st.lists(st.integers(2, 299), max_size=8),
+        new=st.integers(1, 10),
+    )
     def submit(self, base, tail, new):
         self.handles.append((base + tail, new, self.llm.submit(base + tail, max_new_tokens=new, temperature=0)))
 
@@ -330,8 +335,9 @@ def engine_machine(load):
 
 def test_engine_state_machine(engine_machine):
     run = engine_machine.TestCase()
-    run.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
-                            suppress_health_check=[HealthCheck.too_slow])
+    run.settings = settings(
+        max_examples=25, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     run.runTest()
 
 
@@ -350,8 +356,9 @@ def test_logprobs_are_those_of_the_raw_logits_batched_or_alone(load, top):
     """Each generated token's logprob is log_softmax of that step's raw logits (not of the sampling
     distribution), with the `top` likeliest tokens best first, and batching does not change them."""
     llm = load("llama")
-    options = dict(max_new_tokens=5, temperature=0.7, top_k=5, seed=1, ignore_eos=True, return_logits=True,
-                   logprobs=top)
+    options = dict(
+        max_new_tokens=5, temperature=0.7, top_k=5, seed=1, ignore_eos=True, return_logits=True, logprobs=top
+    )
     prompts = [list(range(2, 20)), list(range(40, 47))]
     alone = [llm.generate(p, **options) for p in prompts]
     handles = [llm.submit(p, **options) for p in prompts]
@@ -369,13 +376,16 @@ def test_logprobs_are_those_of_the_raw_logits_batched_or_alone(load, top):
     assert llm.generate(prompts[0], max_new_tokens=2).logprobs is None
 
 
-@pytest.mark.parametrize("penalties", [dict(repetition_penalty=0.2), dict(presence_penalty=-2.0, frequency_penalty=-1.0)],
-                         ids=["repetition", "presence-frequency"])
+@pytest.mark.parametrize(
+    "penalties",
+    [dict(repetition_penalty=0.2), dict(presence_penalty=-2.0, frequency_penalty=-1.0)],
+    ids=["repetition", "presence-frequency"],
+)
 def test_penalties_see_the_prompt_and_every_token_generated_so_far(load, penalties):
     """Each step's token is the argmax of that step's raw logits after the repetition penalty over prompt and
     output so far, or the presence/frequency penalties over the output so far (greedy, so checkable). The
     settings favour repeats, so a history that missed the newest tokens would pick other tokens."""
-    from minillm.sampling import presence_frequency_penalty, repetition_penalty
+    from minillm.engine.sampling import presence_frequency_penalty, repetition_penalty
 
     llm = load("llama")
     prompt = [5, 6, 7, 5, 9]
@@ -386,21 +396,37 @@ def test_penalties_see_the_prompt_and_every_token_generated_so_far(load, penalti
             logits = repetition_penalty(logits, torch.tensor(prompt + out.token_ids[:step]), 0.2)
         else:
             counts = torch.bincount(torch.tensor(out.token_ids[:step], dtype=torch.int64), minlength=logits.shape[1])
-            logits = presence_frequency_penalty(logits, counts.float(), penalties["presence_penalty"],
-                                                penalties["frequency_penalty"])
+            logits = presence_frequency_penalty(
+                logits, counts.float(), penalties["presence_penalty"], penalties["frequency_penalty"]
+            )
         assert token == int(logits.argmax())
 
 
 def test_a_completion_reports_its_rates_and_fields():
-    from minillm.request import Completion
+    from minillm.engine.request import Completion
 
-    c = Completion(text="ab", token_ids=[1, 2, 3], prompt_tokens=12, finish_reason="length", cached_tokens=2,
-                   computed_tokens=10, prefill_s=2.0, ttft_s=2.5, decode_s=4.0)
+    c = Completion(
+        text="ab",
+        token_ids=[1, 2, 3],
+        prompt_tokens=12,
+        finish_reason="length",
+        cached_tokens=2,
+        computed_tokens=10,
+        prefill_s=2.0,
+        ttft_s=2.5,
+        decode_s=4.0,
+    )
     assert c.prefill_tok_s == 5.0 and c.decode_tok_s == 0.5  # 2 decode steps in 4 s (the first token: prefill)
     assert c.to_dict() == {
-        "text": "ab", "token_ids": [1, 2, 3], "prompt_tokens": 12, "finish_reason": "length", "cached_tokens": 2,
-        "computed_tokens": 10, "ttft_s": 2.5,
-        "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5}}
+        "text": "ab",
+        "token_ids": [1, 2, 3],
+        "prompt_tokens": 12,
+        "finish_reason": "length",
+        "cached_tokens": 2,
+        "computed_tokens": 10,
+        "ttft_s": 2.5,
+        "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5},
+    }
     idle = Completion(text="", token_ids=[1], prompt_tokens=1, finish_reason="stop")
     assert idle.prefill_tok_s == 0.0 and idle.decode_tok_s == 0.0  # no time measured, one token: no rate
 

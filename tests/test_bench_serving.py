@@ -40,8 +40,17 @@ def run(server, folder, tmp_path, *flags) -> list[dict]:
 
 
 def test_shared_prefix_sweep_counts_every_request_and_the_cache_hits(server, folder, tmp_path):
-    runs = run(server, folder, tmp_path, "--workload", "shared-prefix", "--max-concurrency", "1,3",
-               "--plot", str(tmp_path / "sweep.png"))
+    runs = run(
+        server,
+        folder,
+        tmp_path,
+        "--workload",
+        "shared-prefix",
+        "--max-concurrency",
+        "1,3",
+        "--plot",
+        str(tmp_path / "sweep.png"),
+    )
     assert [r["max_concurrency"] for r in runs] == [1, 3]
     for r in runs:
         assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 6 * 5  # ignore_eos
@@ -60,8 +69,9 @@ def test_random_rag_and_chat_workloads(server, folder, tmp_path):
     assert random_run["completed"] == 6 and random_run["cache_hit_rate"] < 0.1
     (rag,) = run(server, folder, tmp_path, "--workload", "rag", "--max-concurrency", "3")
     assert rag["completed"] == 6 and rag["cache_hit_rate"] > 0.3  # a document's later questions reuse it
-    (chat,) = run(server, folder, tmp_path, "--workload", "chat", "--endpoint", "chat", "--turns", "3",
-                  "--max-concurrency", "2")
+    (chat,) = run(
+        server, folder, tmp_path, "--workload", "chat", "--endpoint", "chat", "--turns", "3", "--max-concurrency", "2"
+    )
     assert chat["completed"] == 2 * 3 and chat["failed"] == 0
     assert chat["cache_hit_rate"] > 0.3  # turns 2 and 3 find the earlier turns in the cache
 
@@ -73,9 +83,25 @@ def test_a_server_that_is_not_there_is_one_clear_error(folder, tmp_path):
 
 def test_compare_runs_the_ablation_and_skips_a_missing_llama_server(folder, tmp_path, capsys):
     out = tmp_path / "compare.json"
-    rc = bench_serving_compare.main(["--model", str(folder), "--servers", "lpm,no-cache,llama-server",
-                                     "--workloads", "shared-prefix", "--llama-server", "", "--quick",
-                                     "--kv-mb", "4", "--out", str(out), "--server-log", str(tmp_path / "log")])
+    rc = bench_serving_compare.main(
+        [
+            "--model",
+            str(folder),
+            "--servers",
+            "lpm,no-cache,llama-server",
+            "--workloads",
+            "shared-prefix",
+            "--llama-server",
+            "",
+            "--quick",
+            "--kv-mb",
+            "4",
+            "--out",
+            str(out),
+            "--server-log",
+            str(tmp_path / "log"),
+        ]
+    )
     assert rc == 0
     assert "llama-server skipped" in capsys.readouterr().err
     result = json.loads(out.read_text())

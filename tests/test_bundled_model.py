@@ -5,16 +5,40 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import hf_model
+
 from minillm import LLM
 from minillm.cli import main
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 PROMPT = "def fibonacci(n):"
 # Greedy continuation recorded from this checkpoint; any change to the numerics shows up here.
-GOLDEN_IDS = [266, 385, 51, 458, 272, 694, 386, 291, 694, 386, 291, 694, 386, 291, 694, 386, 291, 266, 652, 14,
-              331, 593, 783, 322]
+GOLDEN_IDS = [
+    266,
+    385,
+    51,
+    458,
+    272,
+    694,
+    386,
+    291,
+    694,
+    386,
+    291,
+    694,
+    386,
+    291,
+    694,
+    386,
+    291,
+    266,
+    652,
+    14,
+    331,
+    593,
+    783,
+    322,
+]
 GOLDEN_TEXT = '\n    """Send a list of the list of the list of the list of the\n    string.\n\n    The result is'
 
 

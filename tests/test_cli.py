@@ -20,9 +20,35 @@ def test_generate_streams_text_and_reports_timings(checkpoint, capsys):
 def test_json_output_one_object_per_prompt(checkpoint, capsys):
     folder = checkpoint("qwen2")
     capsys.readouterr()
-    assert main(["generate", "--model", str(folder), "--json", "-n", "5", "--seed", "3", "--temperature", "0.9",
-                 "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1",
-                 "--stop", "zzz", "first prompt", "second"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--json",
+                "-n",
+                "5",
+                "--seed",
+                "3",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.9",
+                "--min-p",
+                "0.01",
+                "--repetition-penalty",
+                "1.1",
+                "--stop",
+                "zzz",
+                "first prompt",
+                "second",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
@@ -38,7 +64,9 @@ def test_chat_flag_applies_the_template(checkpoint, capsys):
     ids = llm.tokenizer.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     expected = llm.generate(ids, max_new_tokens=6, temperature=0)
     capsys.readouterr()
-    assert main(["generate", "--model", str(folder), "--system", "Be brief.", "--json", "-n", "6", "-t", "0", "hi"]) == 0
+    assert (
+        main(["generate", "--model", str(folder), "--system", "Be brief.", "--json", "-n", "6", "-t", "0", "hi"]) == 0
+    )
     record = json.loads(capsys.readouterr().out)
     assert record["prompt_tokens"] == len(ids) and record["token_ids"] == expected.token_ids
 
@@ -52,7 +80,7 @@ def test_package_imports_without_test_libraries():
         "        if name.split('.')[0] in ('transformers', 'hypothesis', 'pytest'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import minillm, minillm.cli, minillm.llm, minillm.engine\n"
+        "import minillm, minillm.cli, minillm.llm, minillm.engine.engine\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -66,7 +94,9 @@ def test_several_prompts_share_the_cache_and_report_it(checkpoint, tmp_path, cap
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": doc + q}) for q in ["Who?", "Why?", "When?"]) + "\n")
     capsys.readouterr()
-    assert main(["generate", "--model", str(folder), "--json", "-n", "3", "-t", "0", "--prompts-file", str(prompts)]) == 0
+    assert (
+        main(["generate", "--model", str(folder), "--json", "-n", "3", "-t", "0", "--prompts-file", str(prompts)]) == 0
+    )
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 3
@@ -77,7 +107,10 @@ def test_several_prompts_share_the_cache_and_report_it(checkpoint, tmp_path, cap
     assert "hit rate" in err and "prefill saved" in err
     text_file = tmp_path / "prompts.txt"
     text_file.write_text(f"{doc}Who?\n\n{doc}Why?\n")
-    assert main(["generate", "--model", str(folder), "-n", "2", "--no-prefix-cache", "--prompts-file", str(text_file)]) == 0
+    assert (
+        main(["generate", "--model", str(folder), "-n", "2", "--no-prefix-cache", "--prompts-file", str(text_file)])
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("(0 cached,") == 2 and "hit rate" not in err
 
@@ -110,8 +143,12 @@ def test_prompts_run_concurrently_with_the_same_output_in_any_batch_and_order(ch
     folder = str(checkpoint("llama"))
     prompts = ["The quick brown fox", "The quick brown dog", "def add(a, b):", "In the beginning"]
     outputs = []
-    for flags in (["--max-batch", "1"], ["--max-batch", "16"], ["--max-batch", "2", "--schedule", "fcfs"],
-                  ["--kv-mb", "0.05"]):  # a pool of about 100 tokens: eviction and preemption
+    for flags in (
+        ["--max-batch", "1"],
+        ["--max-batch", "16"],
+        ["--max-batch", "2", "--schedule", "fcfs"],
+        ["--kv-mb", "0.05"],
+    ):  # a pool of about 100 tokens: eviction and preemption
         capsys.readouterr()
         assert main(["generate", "--model", folder, "--json", "-n", "12", "-t", "0", *flags, *prompts]) == 0
         outputs.append([json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()])
@@ -128,8 +165,14 @@ def test_chat_on_the_bundled_model_as_readme_shows_it(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert len([line for line in err.splitlines() if line.startswith("[turn")]) == 2
     llm = LLM.load()
-    text = llm.tokenizer.apply_chat_template([{"role": "system", "content": "Be\nbrief."}, {"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": "x = 1"}, {"role": "user", "content": "more"}])
+    text = llm.tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "Be\nbrief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "x = 1"},
+            {"role": "user", "content": "more"},
+        ]
+    )
     assert text == "# Be\n# brief.\n# hi\nx = 1\n\n\n# more\n"
 
 
@@ -143,19 +186,44 @@ def test_a_built_wheel_carries_the_bundled_model(tmp_path):
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed here, so no wheel can be built without the network")
     root = Path(__file__).resolve().parents[1]
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("minillm-*.whl")
     target = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr
     assert (target / "minillm" / "weights" / "model.safetensors").is_file()
     env = {**__import__("os").environ, "PYTHONPATH": str(target)}
     code = "import minillm.llm as m; print(m.__file__); print(m.bundled_model())"
     where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert where.stdout.splitlines() == [str(target / "minillm" / "llm.py"), str(target / "minillm" / "weights")]
-    run = subprocess.run([sys.executable, "-m", "minillm", "generate", "-n", "4", "-t", "0", "def f("],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    run = subprocess.run(
+        [sys.executable, "-m", "minillm", "generate", "-n", "4", "-t", "0", "def f("],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert run.returncode == 0 and run.stdout.strip(), run.stderr  # a continuation was printed

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from minillm import LLM
+from minillm.cache.disk_cache import page_keys
 from minillm.cli import main as cli
-from minillm.disk_cache import page_keys
 
 DOC = " ".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(5))
 QUESTIONS = [DOC + " Question: who jumps?", DOC + " Question: what is lazy?"]
@@ -168,8 +168,13 @@ print(json.dumps({"cached": c.cached_tokens, "tokens": c.token_ids}))
 
 def run_process(folder, cache_dir, prompt, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(cache_dir), prompt, str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder), str(cache_dir), prompt, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -187,9 +192,16 @@ def test_exact_mode_logits_are_bitwise_equal_across_processes(checkpoint, tmp_pa
 def test_two_processes_writing_one_directory_at_once_leave_it_sound(checkpoint, tmp_path):
     folder = checkpoint("llama")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path), prompt, str(tmp_path / f"{i}.pt")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i, prompt in enumerate([QUESTIONS[0], QUESTIONS[0] + " And again?"])]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(folder), str(tmp_path), prompt, str(tmp_path / f"{i}.pt")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i, prompt in enumerate([QUESTIONS[0], QUESTIONS[0] + " And again?"])
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

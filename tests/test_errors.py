@@ -35,18 +35,30 @@ BREAKAGES = {
     "no config.json": (lambda f: (f / "config.json").unlink(), "no config.json"),
     "no tokenizer.json": (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer.json"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
-    "truncated weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
-                          "not a valid safetensors file"),
-    "corrupt weights": (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}garbage"),
-                        "not a valid safetensors file"),
-    "wrong shape": (lambda f: edit_tensors(f, lambda t: t.update({"model.norm.weight": torch.ones(65)})),
-                    r"model.norm.weight has shape \[65\]"),
-    "missing tensor": (lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
-                       "lacks 1 tensor"),
-    "unsupported architecture": (lambda f: edit_json(f / "config.json", architectures=["GPT2LMHeadModel"]),
-                                 "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM"),
-    "unsupported rope": (lambda f: edit_json(f / "config.json", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
-                         "unsupported RoPE scaling type 'longrope'"),
+    "truncated weights": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+        "not a valid safetensors file",
+    ),
+    "corrupt weights": (
+        lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}garbage"),
+        "not a valid safetensors file",
+    ),
+    "wrong shape": (
+        lambda f: edit_tensors(f, lambda t: t.update({"model.norm.weight": torch.ones(65)})),
+        r"model.norm.weight has shape \[65\]",
+    ),
+    "missing tensor": (
+        lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "lacks 1 tensor",
+    ),
+    "unsupported architecture": (
+        lambda f: edit_json(f / "config.json", architectures=["GPT2LMHeadModel"]),
+        "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM",
+    ),
+    "unsupported rope": (
+        lambda f: edit_json(f / "config.json", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+        "unsupported RoPE scaling type 'longrope'",
+    ),
     "bad config json": (lambda f: (f / "config.json").write_text("{oops"), "not valid JSON"),
 }
 
@@ -93,11 +105,18 @@ def test_bad_requests(case, load):
         load("llama").stream(**request)  # refused before anything runs
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"), (["--top-p", "2"], "top_p"), (["--seed", str(2**64)], "seed"),
-    (["--stop", "x" * 1025], "stop"), ([], None),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "2"], "top_p"),
+        (["--seed", str(2**64)], "seed"),
+        (["--stop", "x" * 1025], "stop"),
+        ([], None),
+    ],
+)
 def test_cli_bad_sampling_flags_and_long_prompt(flags, message, checkpoint, capsys):
     args = ["generate", "--model", str(checkpoint("llama"))] + flags
     args += ["hi"] if message else ["word " * 300]  # no flag problem: the prompt is too long
@@ -120,8 +139,11 @@ def test_missing_folder_and_unreachable_hub(capsys):
 
 
 def test_cli_process_exit_status_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", str(tmp_path / "nope"), "hi"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "minillm", "generate", "--model", str(tmp_path / "nope"), "hi"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("minillm: error:") and "Traceback" not in result.stderr
     assert result.stdout == ""
@@ -135,11 +157,14 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused(checkpoint, tmp_pat
         LLM.load(folder)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--max-batch", "0"], "max_batch must be at least 1"),
-    (["--kv-mb", "0.0001"], "the KV pool must hold at least 2 tokens"),
-    (["--kv-mb", "0.01"], "but the KV pool (raise --kv-mb) holds"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-batch", "0"], "max_batch must be at least 1"),
+        (["--kv-mb", "0.0001"], "the KV pool must hold at least 2 tokens"),
+        (["--kv-mb", "0.01"], "but the KV pool (raise --kv-mb) holds"),
+    ],
+)
 def test_bad_engine_settings(flags, message, checkpoint, capsys):
     capsys.readouterr()
     prompt = "The quick brown fox jumps over the lazy dog. " * 3

@@ -66,8 +66,11 @@ def test_cache_on_and_off_bitwise_equal(exact_llm, family, options, dtype, promp
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(base=prompts, tails=st.lists(st.lists(st.integers(2, 299), min_size=1, max_size=30), min_size=2, max_size=4),
-       order=st.randoms(use_true_random=False))
+@given(
+    base=prompts,
+    tails=st.lists(st.lists(st.integers(2, 299), min_size=1, max_size=30), min_size=2, max_size=4),
+    order=st.randoms(use_true_random=False),
+)
 def test_same_prompts_in_any_order_give_the_same_bits(exact_llm, dtype, base, tails, order):
     llm = exact_llm("qwen2", {}, dtype)
     requests = [base + t for t in tails]
@@ -109,9 +112,9 @@ def test_tiles_have_fixed_shapes_and_sample_only_where_asked(load):
     """exact.tiles on a step with a resumed request's replay row (no sampling), two decode rows and a prompt of
     a chunk and a row: decode rows go together, one row each, padded to decode_rows; the prompt's chunks start
     on chunk boundaries and are padded to a whole chunk, whatever their length, logits only where it samples."""
-    from minillm.exact import tiles
-    from minillm.kv_pool import DUMP_SLOT
-    from minillm.plan import Work
+    from minillm.cache.kv_pool import DUMP_SLOT
+    from minillm.engine.exact import tiles
+    from minillm.engine.plan import Work
 
     llm = load("llama")
 
@@ -126,12 +129,12 @@ def test_tiles_have_fixed_shapes_and_sample_only_where_asked(load):
     assert len(out) == 3
     first_chunk, last_row, decode = out
     assert [(s.start, len(s.tokens), s.logit_row, w) for s, w in first_chunk] == [(0, 8, None, None)]
-    (segment, work), = last_row
+    ((segment, work),) = last_row
     assert (segment.start, len(segment.tokens), segment.logit_row, work) == (8, 8, 0, works[2])  # 1 row + 7 padding
     assert segment.tokens[1:] == [0] * 7 and segment.slots[9:].tolist() == [DUMP_SLOT] * 7
     assert [(s.start, len(s.tokens), s.logit_row) for s, _ in decode] == [(6, 1, 0), (4, 1, 0), (7, 1, 0), (0, 1, 0)]
     assert [w for _, w in decode] == [None, works[1], works[3], None]  # the replay row and the padding pick nothing
     # a prompt's last token alone (the rest was cached) is still a prefill chunk, not a decode row
     cached = request(9)
-    ((segment, work),), = tiles([Work(cached, 8, 1, True)], chunk=8, decode_rows=4)
+    (((segment, work),),) = tiles([Work(cached, 8, 1, True)], chunk=8, decode_rows=4)
     assert (segment.start, len(segment.tokens), segment.logit_row) == (8, 8, 0)

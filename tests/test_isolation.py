@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minillm import MinillmError
-from minillm import forward_batch
-from minillm.sampling import BadLogits
+from minillm.engine import forward_batch
+from minillm.engine.sampling import BadLogits
 
 PROMPTS = [list(range(5, 17)), list(range(40, 49)), list(range(70, 85)), list(range(100, 106))]
 
@@ -46,11 +46,14 @@ def alone(llm, prompt, **options):
     return llm.generate(prompt, **options).token_ids
 
 
-@pytest.mark.parametrize("spoil, error", [
-    (None, RuntimeError),
-    (lambda logits: torch.full_like(logits, math.nan), BadLogits),  # a model's NaN row
-    (lambda logits: torch.full_like(logits, -math.inf), BadLogits),  # nothing can be sampled
-])
+@pytest.mark.parametrize(
+    "spoil, error",
+    [
+        (None, RuntimeError),
+        (lambda logits: torch.full_like(logits, math.nan), BadLogits),  # a model's NaN row
+        (lambda logits: torch.full_like(logits, -math.inf), BadLogits),  # nothing can be sampled
+    ],
+)
 def test_a_failing_row_ends_its_request_alone(load, spoil, error):
     llm = load("llama")
     options = dict(max_new_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
@@ -136,10 +139,14 @@ def test_hostile_but_legal_settings_give_tokens(load, exact):
     try:
         greedy = alone(llm, PROMPTS[0], max_new_tokens=8, temperature=0)
         assert alone(llm, PROMPTS[0], max_new_tokens=8, temperature=1e-40) == greedy  # below 1e-5: greedy
-        for options in (dict(temperature=1.0, repetition_penalty=1e-300), dict(temperature=1.0, repetition_penalty=1e300),
-                        dict(temperature=1e-5, top_p=1e-30), dict(temperature=1e30, min_p=1.0),
-                        dict(temperature=0.7, top_k=10**9, frequency_penalty=-2.0, presence_penalty=-2.0),
-                        dict(temperature=0, repetition_penalty=1e-300)):
+        for options in (
+            dict(temperature=1.0, repetition_penalty=1e-300),
+            dict(temperature=1.0, repetition_penalty=1e300),
+            dict(temperature=1e-5, top_p=1e-30),
+            dict(temperature=1e30, min_p=1.0),
+            dict(temperature=0.7, top_k=10**9, frequency_penalty=-2.0, presence_penalty=-2.0),
+            dict(temperature=0, repetition_penalty=1e-300),
+        ):
             llm.configure()
             handles = [llm.submit(p, max_new_tokens=8, seed=1, **options) for p in PROMPTS]
             outs = [h.result() for h in handles]

@@ -3,16 +3,33 @@
 import pytest
 import torch
 
-from minillm.kv_pool import KVPool, kv_bytes_per_token
+from minillm.cache.kv_pool import KVPool, kv_bytes_per_token
 
 
 # Not dynamic NTK RoPE past its pretrained length: there the frequencies depend on the current length, so
 # keys cached earlier were rotated differently from a recompute (transformers' cache behaves the same).
-@pytest.mark.parametrize("family,options", [
-    ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", dict(sliding_window=8)),
-    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
-                                        high_freq_factor=4.0, original_max_position_embeddings=16))),
-])
+@pytest.mark.parametrize(
+    "family,options",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        ("qwen3", {}),
+        ("mistral", dict(sliding_window=8)),
+        (
+            "llama",
+            dict(
+                rope_parameters=dict(
+                    rope_type="llama3",
+                    rope_theta=5e5,
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                )
+            ),
+        ),
+    ],
+)
 def test_cached_decode_matches_full_recompute_every_step(load, family, options):
     llm = load(family, **options)
     llm.defaults.eos_token_ids = []
@@ -57,7 +74,9 @@ def test_slots_are_int64_even_none_and_freed_kv_is_left_alone_unless_poisoning(l
 def test_dynamic_rope_rows_of_different_lengths_in_one_forward_get_their_own_frequencies(load):
     """Dynamic NTK scaling derives its frequencies from the sequence's length: two prompts past the pretrained
     length, prefilled in the same forward, each get the logits they get alone."""
-    llm = load("llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
+    llm = load(
+        "llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0)
+    )
     prompts = [list(range(2, 40)), list(range(50, 72))]
     options = dict(max_new_tokens=1, temperature=0, return_logits=True)
     alone = [llm.generate(p, **options).logits for p in prompts]
@@ -70,8 +89,8 @@ def test_dynamic_rope_rows_of_different_lengths_in_one_forward_get_their_own_fre
 def test_a_lone_requests_consecutive_slots_are_written_and_read_in_place(load):
     """Consecutive slots (a lone request on a fresh pool) are written with one copy and attended through a view
     of the pool; scattered slots, or views=False (exact mode), go through index_copy / index_select."""
-    from minillm.forward_batch import ForwardBatch
-    from minillm.plan import Segment
+    from minillm.engine.forward_batch import ForwardBatch
+    from minillm.engine.plan import Segment
 
     pool = KVPool(load("llama").config, 20, torch.float32)
     run = Segment([5, 6, 7], 0, torch.tensor([4, 5, 6]))

@@ -11,15 +11,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minillm import LLM, prepack
+from minillm import LLM
 from minillm.errors import MinillmError
-from minillm.safetensors_mmap import SafetensorsFile
+from minillm.loading import prepack
+from minillm.loading.safetensors_mmap import SafetensorsFile
 
 
 def test_views_hold_what_safetensors_reads(tmp_path):
     tensors = {
-        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
-        "i64": torch.arange(6).view(2, 3), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(6).view(2, 3),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
     }
     save_file(tensors, tmp_path / "t.safetensors")
     ours = SafetensorsFile(tmp_path / "t.safetensors").tensors
@@ -57,11 +62,14 @@ def test_weights_are_mapped_not_copied_and_release_drops_their_pages(tmp_path):
     assert file.tensors["big"].sum() == size // 4  # still readable: paged in again from the file
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda raw: raw[:4], "shorter than the 8-byte header length"),
-    (lambda raw: struct.pack("<Q", 10**9) + raw[8:], "header claims"),
-    (lambda raw: raw[:-8], "does not fit its byte range"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda raw: raw[:4], "shorter than the 8-byte header length"),
+        (lambda raw: struct.pack("<Q", 10**9) + raw[8:], "header claims"),
+        (lambda raw: raw[:-8], "does not fit its byte range"),
+    ],
+)
 def test_damaged_files_are_refused(tmp_path, damage, message):
     path = tmp_path / "t.safetensors"
     save_file({"w": torch.ones(16)}, path)
@@ -78,7 +86,8 @@ def test_prepacked_and_plain_weights_agree(checkpoint):
     assert (packed.logits(ids) - plain.logits(ids)).abs().max() <= 1e-4
     attn = packed.model.model.layers[0].self_attn
     assert attn.qkv_proj.out_features == plain.model.model.layers[0].self_attn.q_proj.out_features + 2 * (
-        plain.model.model.layers[0].self_attn.k_proj.out_features)
+        plain.model.model.layers[0].self_attn.k_proj.out_features
+    )
     assert attn.qkv_proj.bias is not None  # Qwen2's q/k/v biases, stacked too
     a = packed.generate(ids, max_new_tokens=12, temperature=0, use_prefix_cache=False)
     b = plain.generate(ids, max_new_tokens=12, temperature=0, use_prefix_cache=False)
@@ -91,8 +100,12 @@ def test_float32_packs_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint)
     for F.linear (so the product is exactly F.linear's on it), bfloat16 ones become oneDNN's opaque layout;
     exact mode reorders float32 for oneDNN too (MKL's rows are not independent of the other rows' bits)."""
     folder = checkpoint("llama")
-    for options, onednn in ((dict(dtype="float32"), False), (dict(dtype="float32", exact=True), True),
-                            (dict(dtype="bfloat16"), True), (dict(dtype="bfloat16", exact=True), True)):
+    for options, onednn in (
+        (dict(dtype="float32"), False),
+        (dict(dtype="float32", exact=True), True),
+        (dict(dtype="bfloat16"), True),
+        (dict(dtype="bfloat16", exact=True), True),
+    ):
         model = LLM.load(folder, **options).model
         assert all(m.onednn == onednn for m in model.modules() if isinstance(m, prepack.PackedLinear)), options
     torch.manual_seed(0)
@@ -105,7 +118,9 @@ def test_float32_packs_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint)
     bf16 = prepack.PackedLinear(*parts, dtype=torch.bfloat16, onednn=True)
     assert bf16.weight.layout == torch._mkldnn and fp32.weight_bytes == 2 * bf16.weight_bytes
     single = nn.Linear(64, 8)
-    assert prepack.PackedLinear(single, dtype=torch.float32, onednn=False).weight.data_ptr() != single.weight.data_ptr()  # a copy
+    assert (
+        prepack.PackedLinear(single, dtype=torch.float32, onednn=False).weight.data_ptr() != single.weight.data_ptr()
+    )  # a copy
 
 
 def test_prepack_refused_where_it_cannot_run(checkpoint):

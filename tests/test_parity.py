@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-
 from checkpoints import hf_model, make_checkpoint
-from minillm import LLM, prepack
-from minillm.prepack import PackedLinear
+
+from minillm import LLM
+from minillm.loading import prepack
+from minillm.loading.prepack import PackedLinear
 
 # (family, checkpoint options): one per family, plus each config feature that changes the math.
 CASES = {
@@ -19,16 +20,32 @@ CASES = {
     "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "llama-mha": ("llama", dict(num_key_value_heads=4)),
     "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
-    "llama-dynamic-rope": ("llama", dict(max_position_embeddings=32,
-                                         rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0))),
-    "llama3-rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                                                      low_freq_factor=1.0, high_freq_factor=4.0,
-                                                      original_max_position_embeddings=32))),
+    "llama-dynamic-rope": (
+        "llama",
+        dict(max_position_embeddings=32, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0)),
+    ),
+    "llama3-rope": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            )
+        ),
+    ),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     "qwen3": ("qwen3", {}),
-    "qwen3-yarn": ("qwen3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
-                                                      original_max_position_embeddings=32))),
+    "qwen3-yarn": (
+        "qwen3",
+        dict(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32)
+        ),
+    ),
     "mistral": ("mistral", {}),
     "mistral-sliding": ("mistral", dict(sliding_window=16)),
 }
@@ -73,9 +90,15 @@ def test_greedy_continuation_matches_transformers_generate(case, checkpoint):
     ids = prompt(20, seed=2)
     hf = hf_model(folder)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
-                          eos_token_id=None, pad_token_id=0)
-    expected = out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    expected = out[0, len(ids) :].tolist()
     llm = LLM.load(folder)
     llm.defaults.eos_token_ids = []  # compare all 32 tokens; EOS handling has its own tests
     assert llm.generate(ids, max_new_tokens=32, temperature=0).token_ids == expected

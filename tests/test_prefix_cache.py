@@ -68,7 +68,7 @@ def test_eviction_never_touches_kv_a_running_request_holds(load):
     stream = llm.stream(prompt, max_new_tokens=12, temperature=0)
     iterator = iter(stream)
     next(iterator)  # the request is running: its prefix is matched and locked
-    for i in range(6):  # other requests fill the pool far past its size
+    for _ in range(6):  # other requests fill the pool far past its size
         llm.generate([rng.randrange(2, 300) for _ in range(25)], max_new_tokens=3, temperature=0)
     assert llm.prefix_cache.stats.evicted_tokens > 0
     llm.engine.scheduler.check_invariants()
@@ -105,8 +105,9 @@ def test_rag_scenario_only_first_question_per_document_misses(load):
 
 
 def test_dynamic_rope_models_do_not_reuse_kv(load):
-    llm = load("llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
+    llm = load(
+        "llama", max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0)
+    )
     prompt = list(range(2, 40))
     llm.generate(prompt, max_new_tokens=2, temperature=0)
     assert llm.generate(prompt, max_new_tokens=2, temperature=0).cached_tokens == 0
-

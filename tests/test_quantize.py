@@ -10,8 +10,8 @@ from torch import nn
 
 from minillm import LLM
 from minillm.errors import MinillmError
-from minillm import prepack, quantize
-from minillm.quantize import QuantizedEmbedding, QuantizedLinear, dequantize, quantize_int4, quantize_int8
+from minillm.loading import prepack, quantize
+from minillm.loading.quantize import QuantizedEmbedding, QuantizedLinear, dequantize, quantize_int4, quantize_int8
 
 MODES = [("int8", 32), ("int4", 32), ("int4", 128)]
 
@@ -48,8 +48,10 @@ def test_many_rows_take_the_dense_path_block_by_block(mode, group, out_features)
     torch.manual_seed(3)
     linear = nn.Linear(256, out_features)
     layer = QuantizedLinear(linear, mode=mode, dtype=torch.bfloat16, group_size=group)
-    assert layer.dense == (prepack.available(torch.bfloat16, "cpu") and (
-        mode == "int8" or (out_features % 64 == 0 and quantize.int4_layout_is_known())))
+    assert layer.dense == (
+        prepack.available(torch.bfloat16, "cpu")
+        and (mode == "int8" or (out_features % 64 == 0 and quantize.int4_layout_is_known()))
+    )
     x = torch.randn(quantize.DENSE_FROM_ROWS + 8, 256)
     expected = x @ reference(layer, linear).T + linear.bias.detach()
     got = layer(x.bfloat16()).float()
@@ -141,7 +143,9 @@ def test_quantized_bundled_model_stays_close_to_float32(bundled_float32, mode, w
     the held-out loss itself.)"""
     quantized = LLM.load(dtype="float32", quantize=mode)
     assert quantized.weight_form == ("int8" if mode == "int8" else "int4-g32")
-    ids = quantized.tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n")
+    ids = quantized.tokenizer.encode(
+        "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
+    )
     full, low = bundled_float32.logits(ids), quantized.logits(ids)
     assert (low - full).abs().max() <= worst * (full.max() - full.min())
     assert (low.argmax(-1) == full.argmax(-1)).float().mean() >= agree
@@ -181,13 +185,22 @@ def test_the_disk_tier_keeps_quantized_kv_apart(checkpoint, tmp_path):
     again.close()
 
 
-@pytest.mark.parametrize("options,message", [
-    (dict(quantize="int3"), "unknown quantize mode 'int3'; choose int8 or int4"),
-    (dict(quantize="int4", group_size=48), "int4 group size must be one of 32, 64, 128, 256, got 48"),
-    (dict(quantize="int4", group_size=256), "int4 group size 256 does not divide the model's hidden size (64); choose 32 or 64"),
-    (dict(quantize="int8", prepack=True), "quantized weights use their own kernels, not prepacked ones; drop prepack"),
-    (dict(quantize="int8", dtype="float16"), "quantized products compute in float32 or bfloat16"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(quantize="int3"), "unknown quantize mode 'int3'; choose int8 or int4"),
+        (dict(quantize="int4", group_size=48), "int4 group size must be one of 32, 64, 128, 256, got 48"),
+        (
+            dict(quantize="int4", group_size=256),
+            "int4 group size 256 does not divide the model's hidden size (64); choose 32 or 64",
+        ),
+        (
+            dict(quantize="int8", prepack=True),
+            "quantized weights use their own kernels, not prepacked ones; drop prepack",
+        ),
+        (dict(quantize="int8", dtype="float16"), "quantized products compute in float32 or bfloat16"),
+    ],
+)
 def test_bad_quantize_settings_are_one_line_errors(checkpoint, options, message):
     with pytest.raises(MinillmError) as error:
         LLM.load(checkpoint("llama"), **options)
@@ -204,10 +217,44 @@ def test_int4_refuses_a_vocabulary_its_packing_cannot_hold(checkpoint):
 
 def test_cli_quantize_runs_and_refuses_a_bad_group_size(checkpoint):
     folder = str(checkpoint("llama"))
-    ok = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", folder, "--quantize", "int4",
-                         "-n", "4", "--temperature", "0", "Hello"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm",
+            "generate",
+            "--model",
+            folder,
+            "--quantize",
+            "int4",
+            "-n",
+            "4",
+            "--temperature",
+            "0",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "tok/s" in ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", folder, "--quantize", "int4",
-                          "--group-size", "100", "Hello"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm",
+            "generate",
+            "--model",
+            folder,
+            "--quantize",
+            "int4",
+            "--group-size",
+            "100",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "minillm: error: int4 group size must be one of 32, 64, 128, 256, got 100"

@@ -6,13 +6,13 @@ against the live holders: a node's lock count must equal the number of holders w
 also after that path was split by later inserts and matches.
 """
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
-import pytest
 
-from minillm.radix_cache import CacheStats, RadixCache, common_length
+from minillm.cache.radix_cache import CacheStats, RadixCache, common_length
 
 token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 
@@ -47,9 +47,13 @@ class RadixMachine(RuleBasedStateMachine):
     def insert(self, tokens, reuse):
         """A request hands over its KV: its own fresh slots, or (reuse) the tree's slots for the prefix it
         matched first and fresh ones for the rest, as the engine does."""
-        matched = self.cache.match_prefix(tokens, limit=len(tokens)).slots if reuse else torch.empty(0, dtype=torch.int64)
+        matched = (
+            self.cache.match_prefix(tokens, limit=len(tokens)).slots if reuse else torch.empty(0, dtype=torch.int64)
+        )
         slots = torch.cat((matched, self.fresh(len(tokens) - len(matched))))
-        expected_duplicates = [int(s) for p, s in zip(prefixes(tokens), slots) if p in self.slot_of and self.slot_of[p] != s]
+        expected_duplicates = [
+            int(s) for p, s in zip(prefixes(tokens), slots) if p in self.slot_of and self.slot_of[p] != s
+        ]
         duplicates = self.cache.insert(tokens, slots)
         assert sorted(duplicates.tolist()) == sorted(expected_duplicates)
         self.stats.inserted_tokens += sum(p not in self.slot_of for p in prefixes(tokens))
@@ -127,8 +131,9 @@ class RadixMachine(RuleBasedStateMachine):
 
 
 TestRadixCacheStateful = RadixMachine.TestCase
-TestRadixCacheStateful.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
-                                           suppress_health_check=[HealthCheck.too_slow])
+TestRadixCacheStateful.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def slots_for(tokens, start):
@@ -260,9 +265,23 @@ def corrupt(how):
     return cache
 
 
-@pytest.mark.parametrize("how", ["root edge", "root parent", "empty edge", "wrong key", "wrong key under root", "slot count",
-                                 "parent pointer", "root child's parent", "lock below child", "negative lock",
-                                 "token count", "protected count"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "root edge",
+        "root parent",
+        "empty edge",
+        "wrong key",
+        "wrong key under root",
+        "slot count",
+        "parent pointer",
+        "root child's parent",
+        "lock below child",
+        "negative lock",
+        "token count",
+        "protected count",
+    ],
+)
 def test_check_invariants_catches_each_corruption(how):
     """The stateful test leans on check_invariants, so each of its checks is shown to fire."""
     corrupt(None).check_invariants()

@@ -7,18 +7,40 @@ import math
 
 import pytest
 import torch
-
 from checkpoints import hf_model
-from minillm import LLM
-from minillm.config import load_config
-from minillm.rope import RotaryEmbedding, _default_inv_freq
 
-LLAMA3 = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-              rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                   high_freq_factor=4.0, original_max_position_embeddings=64))
-YARN = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
-                                 original_max_position_embeddings=1024))
+from minillm import LLM
+from minillm.model.config import load_config
+from minillm.model.rope import RotaryEmbedding, _default_inv_freq
+
+LLAMA3 = dict(
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=512,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    ),
+)
+YARN = dict(
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=4096,
+    rope_parameters=dict(
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        original_max_position_embeddings=1024,
+    ),
+)
 DYNAMIC = dict(max_position_embeddings=32, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0))
 
 
@@ -32,7 +54,9 @@ def transformers_inv_freq(folder, seq_len=None):
 
     config = transformers.AutoConfig.from_pretrained(folder)
     kind = config.rope_parameters["rope_type"]
-    inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"), **({"seq_len": seq_len} if seq_len else {}))
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](
+        config, torch.device("cpu"), **({"seq_len": seq_len} if seq_len else {})
+    )
     return inv_freq, factor
 
 
@@ -74,8 +98,11 @@ def test_yarn_bands_sit_where_the_beta_ramp_says(checkpoint):
     rope, dim = YARN["rope_parameters"], YARN["head_dim"]
 
     def boundary(rotations):
-        return dim * math.log(rope["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (
-            2 * math.log(rope["rope_theta"]))
+        return (
+            dim
+            * math.log(rope["original_max_position_embeddings"] / (rotations * 2 * math.pi))
+            / (2 * math.log(rope["rope_theta"]))
+        )
 
     low, high = math.floor(boundary(rope["beta_fast"])), math.ceil(boundary(rope["beta_slow"]))
     assert 0 < low < high < dim // 2  # the ramp lies inside the frequencies, with some on each side

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from minillm import MinillmError
-from minillm.sampling import (Sampler, SamplingParams, min_p, presence_frequency_penalty, repetition_penalty, top_k,
-                              top_p)
+from minillm.engine.sampling import (
+    Sampler,
+    SamplingParams,
+    min_p,
+    presence_frequency_penalty,
+    repetition_penalty,
+    top_k,
+    top_p,
+)
 
 
 def random_logits(seed):
@@ -22,15 +29,24 @@ def test_processors_match_transformers(seed):
     logits = random_logits(seed)
     seen = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(seed))
     ids = seen[None]
-    assert torch.equal(repetition_penalty(logits, seen, 1.3), g.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+    assert torch.equal(
+        repetition_penalty(logits, seen, 1.3), g.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    )
     assert torch.equal(top_k(logits, 17), g.TopKLogitsWarper(17)(ids, logits.clone()))
     for p in (0.1, 0.5, 0.9, 1.0):
         assert torch.equal(top_p(logits, p), g.TopPLogitsWarper(p)(ids, logits.clone()))
     for p in (0.01, 0.1, 0.5):
         assert torch.equal(min_p(logits, p), g.MinPLogitsWarper(p)(ids, logits.clone()))
     # The whole chain, in transformers' order.
-    chain = g.LogitsProcessorList([g.RepetitionPenaltyLogitsProcessor(1.2), g.TemperatureLogitsWarper(0.7),
-                                   g.TopKLogitsWarper(50), g.TopPLogitsWarper(0.9), g.MinPLogitsWarper(0.05)])
+    chain = g.LogitsProcessorList(
+        [
+            g.RepetitionPenaltyLogitsProcessor(1.2),
+            g.TemperatureLogitsWarper(0.7),
+            g.TopKLogitsWarper(50),
+            g.TopPLogitsWarper(0.9),
+            g.MinPLogitsWarper(0.05),
+        ]
+    )
     params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
     assert torch.equal(Sampler(params).process(logits, seen), chain(ids, logits.clone()))
 
@@ -49,6 +65,7 @@ def test_greedy_is_argmax_and_same_seed_same_draws():
 def test_seeded_generation_matches_transformers_sampling(checkpoint):
     """Same seed, same processors, same draws: our sampled tokens equal transformers' generate()."""
     from checkpoints import hf_model
+
     from minillm import LLM
 
     folder = checkpoint("llama")
@@ -56,11 +73,18 @@ def test_seeded_generation_matches_transformers_sampling(checkpoint):
     opts = dict(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1)
     torch.manual_seed(123)
     with torch.no_grad():
-        out = hf_model(folder).generate(torch.tensor([ids]), do_sample=True, max_new_tokens=24, min_new_tokens=24,
-                                        eos_token_id=None, pad_token_id=0, **opts)
+        out = hf_model(folder).generate(
+            torch.tensor([ids]),
+            do_sample=True,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            eos_token_id=None,
+            pad_token_id=0,
+            **opts,
+        )
     llm = LLM.load(folder)
     llm.defaults.eos_token_ids = []
-    assert llm.generate(ids, max_new_tokens=24, seed=123, **opts).token_ids == out[0, len(ids):].tolist()
+    assert llm.generate(ids, max_new_tokens=24, seed=123, **opts).token_ids == out[0, len(ids) :].tolist()
 
 
 def test_same_seed_same_text_different_seed_differs(load):
@@ -72,11 +96,26 @@ def test_same_seed_same_text_different_seed_differs(load):
     assert a.token_ids != c.token_ids
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(min_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan")),
-                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(seed=2**64),
-                                 dict(seed=-(2**63) - 1), dict(temperature="hot"), dict(top_k=2.0), dict(seed=True),
-                                 dict(top_p=float("inf"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=1.5),
+        dict(repetition_penalty=0.0),
+        dict(temperature=float("nan")),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3.0),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+        dict(temperature="hot"),
+        dict(top_k=2.0),
+        dict(seed=True),
+        dict(top_p=float("inf")),
+    ],
+)
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(MinillmError, match="invalid setting") as refused:
         Sampler(SamplingParams(**bad))
@@ -130,10 +169,20 @@ def test_unseeded_samplers_draw_different_seeds():
     assert len(seeds) == 50
 
 
-@pytest.mark.parametrize("setting, value", [
-    ("temperature", -0.5), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.5), ("min_p", -0.1),
-    ("repetition_penalty", 0.0), ("presence_penalty", -2.5), ("frequency_penalty", 2.5),
-])
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("temperature", -0.5),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", 1.5),
+        ("min_p", -0.1),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", -2.5),
+        ("frequency_penalty", 2.5),
+    ],
+)
 def test_each_invalid_setting_is_named_in_its_error(setting, value):
     with pytest.raises(MinillmError, match=f"invalid setting: {setting} must be .*got {value}"):
         SamplingParams(**{setting: value}).validate()
@@ -149,7 +198,7 @@ def test_penalties_accept_the_ends_of_openais_range():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from minillm.sampling import BadLogits  # noqa: E402
+from minillm.engine.sampling import BadLogits  # noqa: E402
 
 EXTREMES = [0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-30, math.inf, -math.inf]
 LOGIT = st.one_of(st.sampled_from(EXTREMES), st.floats(-1e6, 1e6, width=32))  # NaN-free; ties come from EXTREMES
@@ -171,7 +220,12 @@ def hostile_case(draw):
     )
     seen = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
     counts = draw(st.lists(st.integers(0, 50), min_size=vocab, max_size=vocab))
-    return torch.tensor([logits], dtype=torch.float32), params, torch.tensor(seen), torch.tensor(counts, dtype=torch.float32)
+    return (
+        torch.tensor([logits], dtype=torch.float32),
+        params,
+        torch.tensor(seen),
+        torch.tensor(counts, dtype=torch.float32),
+    )
 
 
 @settings(max_examples=300, deadline=None)

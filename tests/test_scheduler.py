@@ -4,9 +4,9 @@ where a preempted request goes, and that check_invariants fires on each kind of 
 import pytest
 import torch
 
-from minillm.kv_pool import KVPool
-from minillm.kv_manager import KVManager
-from minillm.scheduler import MAX_PASSED_OVER, Scheduler
+from minillm.cache.kv_pool import KVPool
+from minillm.engine.kv_manager import KVManager
+from minillm.engine.scheduler import MAX_PASSED_OVER, Scheduler
 
 
 def make_scheduler(llm, slots=200, max_prefill_tokens=10, align=1, policy="fcfs"):
@@ -20,7 +20,9 @@ def plan(scheduler):
 
 
 def requests(llm, *lengths, start=2):
-    return [llm.request(list(range(start + 10 * i, start + 10 * i + n)), max_new_tokens=4) for i, n in enumerate(lengths)]
+    return [
+        llm.request(list(range(start + 10 * i, start + 10 * i + n)), max_new_tokens=4) for i, n in enumerate(lengths)
+    ]
 
 
 def test_the_prefill_budget_is_shared_in_admission_order(load):
@@ -132,10 +134,21 @@ def broken(load, how):
     return s
 
 
-@pytest.mark.parametrize("how", ["slot 0 handed out", "slot outside the pool", "two owners", "leaked",
-                                 "more allocated than tokens", "computed beyond allocated",
-                                 "cached prefix not the tree's", "waiting with slots", "waiting with a node",
-                                 "a lock nobody holds"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "slot 0 handed out",
+        "slot outside the pool",
+        "two owners",
+        "leaked",
+        "more allocated than tokens",
+        "computed beyond allocated",
+        "cached prefix not the tree's",
+        "waiting with slots",
+        "waiting with a node",
+        "a lock nobody holds",
+    ],
+)
 def test_check_invariants_catches_each_broken_account(load, how):
     """The batching tests lean on check_invariants after every step, so each of its checks is shown to fire."""
     with pytest.raises(AssertionError):
@@ -167,13 +180,16 @@ def test_a_prompt_is_handed_to_the_tree_once(load):
     assert len(handed) == 1 and len(out.token_ids) == 6
 
 
-@pytest.mark.parametrize("rest, shared, waits", [
-    (11, 11, True),   # everything r still has to compute is being prefilled by another request
-    (11, 10, False),  # all but one token of it: r goes ahead (fewer than its rest and than 32)
-    (1, 1, True),     # one token to compute, and it is being prefilled
-    (40, 32, True),   # 32 shared tokens are worth a wait even when more remain
-    (40, 31, False),
-])
+@pytest.mark.parametrize(
+    "rest, shared, waits",
+    [
+        (11, 11, True),  # everything r still has to compute is being prefilled by another request
+        (11, 10, False),  # all but one token of it: r goes ahead (fewer than its rest and than 32)
+        (1, 1, True),  # one token to compute, and it is being prefilled
+        (40, 32, True),  # 32 shared tokens are worth a wait even when more remain
+        (40, 31, False),
+    ],
+)
 def test_a_request_waits_for_a_prefill_that_will_cache_what_it_needs(load, rest, shared, waits):
     """r (nothing cached) versus x, a running request still prefilling a prompt that shares `shared` tokens
     with r's own `rest` tokens to compute."""
@@ -391,17 +407,17 @@ def test_a_resumed_request_reuses_the_kv_of_its_generated_tokens_outside_exact_m
 def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
     """The output projection is the largest product: a prompt's chunks before its last ask for no logits, the
     last chunk for its last row's only."""
-    import minillm.forward_batch
+    import minillm.engine.forward_batch
 
     llm = load("llama", engine=dict(max_prefill_tokens=8))
     asked = []
-    real_run = minillm.forward_batch.run
+    real_run = minillm.engine.forward_batch.run
 
     def recording_run(model, pool, segments, views):
         asked.extend((s.start, len(s.tokens), s.logit_row) for s in segments)
         return real_run(model, pool, segments, views)
 
-    monkeypatch.setattr(minillm.forward_batch, "run", recording_run)
+    monkeypatch.setattr(minillm.engine.forward_batch, "run", recording_run)
     llm.generate(list(range(2, 22)), max_new_tokens=2, temperature=0, ignore_eos=True)
     assert asked == [(0, 8, None), (8, 8, None), (16, 4, 3), (20, 1, 0)]
 
@@ -410,8 +426,8 @@ def test_every_forward_goes_through_the_runner(load, monkeypatch):
     """The engine never runs the model itself: its runner does (runner.py), the same lines for one process and
     for ranks.Leader, which broadcasts each plan first (a recording runner here; tests/test_tensor_parallel.py
     runs real ranks)."""
-    from minillm.engine import Engine
-    from minillm.runner import LocalRunner
+    from minillm.engine.engine import Engine
+    from minillm.engine.runner import LocalRunner
 
     llm = load("llama")
     calls = []

@@ -54,8 +54,23 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "minillm", "serve", *(["--model", str(folder)] if folder else []),
-             "--served-model-name", "tiny", "--port", str(self.port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "minillm",
+                "serve",
+                *(["--model", str(folder)] if folder else []),
+                "--served-model-name",
+                "tiny",
+                "--port",
+                str(self.port),
+                *flags,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -143,15 +158,22 @@ def test_completions_and_chat_equal_the_engine(server, llm):
         assert out.choices[0].text == expected.text and out.choices[0].finish_reason == expected.finish_reason
         assert out.usage.prompt_tokens == expected.prompt_tokens
         assert out.usage.completion_tokens == len(expected.token_ids)
-        pieces = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, seed=seed,
-                                           stream=True, **options)
+        pieces = client.completions.create(
+            model="tiny", prompt="The quick brown", max_tokens=10, seed=seed, stream=True, **options
+        )
         assert "".join(p.choices[0].text for p in pieces) == expected.text
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     expected = reference(llm, llm.tokenizer.encode_chat(messages), max_new_tokens=8, temperature=0)
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
     assert chat.choices[0].message.content == expected.text and chat.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
@@ -166,27 +188,41 @@ def test_prompt_forms_stop_n_and_logprobs(server, llm):
     for prompt in ([ids, ids], ["def add(a, b):", "def add(a, b):"]):  # token-id lists, strings
         out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stop="\n")
         assert [c.text for c in out.choices] == [expected.text] * 2 and [c.index for c in out.choices] == [0, 1]
-    several = client.completions.create(model="tiny", prompt="In the beginning", n=3, max_tokens=6, temperature=1.0,
-                                        seed=3)
+    several = client.completions.create(
+        model="tiny", prompt="In the beginning", n=3, max_tokens=6, temperature=1.0, seed=3
+    )
     assert len(several.choices) == 3 and len({c.text for c in several.choices}) > 1  # seed, seed+1, seed+2
     assert several.usage.prompt_tokens == len(llm.tokenizer.encode("In the beginning"))  # the prompt counts once
     lp = client.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0, logprobs=2)
     lp = lp.choices[0].logprobs
     assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))  # greedy
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                          temperature=0, logprobs=True, top_logprobs=3)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     assert len(chat.choices[0].logprobs.content) == 3
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
-    past_eos = client.completions.create(model="tiny", prompt="The quick", max_tokens=12, temperature=0,
-                                         extra_body={"ignore_eos": True})
-    assert past_eos.choices[0].text == reference(llm, "The quick", max_new_tokens=12, temperature=0,
-                                                 ignore_eos=True).text
+    past_eos = client.completions.create(
+        model="tiny", prompt="The quick", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert (
+        past_eos.choices[0].text == reference(llm, "The quick", max_new_tokens=12, temperature=0, ignore_eos=True).text
+    )
     assert past_eos.usage.completion_tokens == 12
-    penalized = client.completions.create(model="tiny", prompt="The quick", max_tokens=12, temperature=0,
-                                          frequency_penalty=2.0, presence_penalty=2.0)
-    assert penalized.choices[0].text == reference(llm, "The quick", max_new_tokens=12, temperature=0,
-                                                  frequency_penalty=2.0, presence_penalty=2.0).text
+    penalized = client.completions.create(
+        model="tiny", prompt="The quick", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0
+    )
+    assert (
+        penalized.choices[0].text
+        == reference(
+            llm, "The quick", max_new_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0
+        ).text
+    )
 
 
 def test_sixteen_concurrent_streams_equal_their_lone_results(server, llm):
@@ -197,8 +233,16 @@ def test_sixteen_concurrent_streams_equal_their_lone_results(server, llm):
     client.completions.create(model="tiny", prompt=doc + "warm-up", max_tokens=1)  # an earlier request with the doc
 
     def one(question):
-        chunks = list(client.completions.create(model="tiny", prompt=doc + question, max_tokens=8, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.completions.create(
+                model="tiny",
+                prompt=doc + question,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
 
     with ThreadPoolExecutor(16) as pool:
@@ -208,8 +252,14 @@ def test_sixteen_concurrent_streams_equal_their_lone_results(server, llm):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_request(server):
-    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 1.0, "seed": 1,
-            "stream": True}
+    body = {
+        "model": "tiny",
+        "prompt": "The quick brown fox",
+        "max_tokens": 400,
+        "temperature": 1.0,
+        "seed": 1,
+        "stream": True,
+    }
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
     response = connection.getresponse()
@@ -217,8 +267,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(server):
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
     server.assert_idle_and_no_slot_owned()
-    aborted = [line for line in call("GET", f"{server.url}/metrics").text.splitlines()
-               if line.startswith('minillm_requests_total{finish_reason="abort"}')]
+    aborted = [
+        line
+        for line in call("GET", f"{server.url}/metrics").text.splitlines()
+        if line.startswith('minillm_requests_total{finish_reason="abort"}')
+    ]
     assert aborted and float(aborted[0].split()[1]) == 1
 
 
@@ -272,8 +325,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     try:
         pieces = (body[i : i + 2**20] for i in range(0, len(body), 2**20))
-        connection.request("POST", "/v1/completions", body=pieces, encode_chunked=True,
-                           headers={"content-type": "application/json"})
+        connection.request(
+            "POST", "/v1/completions", body=pieces, encode_chunked=True, headers={"content-type": "application/json"}
+        )
         response = connection.getresponse()
         assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
     finally:
@@ -284,14 +338,21 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
 def test_hostile_but_legal_settings_are_served(server, llm):
     """They made the whole batch fail before (NaN probabilities inside the engine's step)."""
     expected = reference(llm, "The quick brown", max_new_tokens=10, temperature=0)
-    tiny = call("POST", f"{server.url}/v1/completions", {"prompt": "The quick brown", "max_tokens": 10,
-                                                         "temperature": 1e-40})
+    tiny = call(
+        "POST", f"{server.url}/v1/completions", {"prompt": "The quick brown", "max_tokens": 10, "temperature": 1e-40}
+    )
     assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == expected.text  # greedy
-    penalty = call("POST", f"{server.url}/v1/completions", {"prompt": "The quick brown", "max_tokens": 10,
-                                                            "temperature": 1.0, "repetition_penalty": 1e-300})
+    penalty = call(
+        "POST",
+        f"{server.url}/v1/completions",
+        {"prompt": "The quick brown", "max_tokens": 10, "temperature": 1.0, "repetition_penalty": 1e-300},
+    )
     assert penalty.status_code == 200 and penalty.json()["choices"][0]["finish_reason"] in ("stop", "length")
-    last_seed = call("POST", f"{server.url}/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1.0,
-                                                              "seed": 2**64 - 2, "n": 2})
+    last_seed = call(
+        "POST",
+        f"{server.url}/v1/completions",
+        {"prompt": "x", "max_tokens": 2, "temperature": 1.0, "seed": 2**64 - 2, "n": 2},
+    )
     assert last_seed.status_code == 200 and len(last_seed.json()["choices"]) == 2
 
 
@@ -306,8 +367,9 @@ def test_bounded_load_has_no_errors_and_memory_does_not_grow(server):
     client = server.client()
 
     def one(i):
-        out = client.completions.create(model="tiny", prompt=f"Request {i % 10}: the quick brown fox", max_tokens=4,
-                                        temperature=0.5, seed=i)
+        out = client.completions.create(
+            model="tiny", prompt=f"Request {i % 10}: the quick brown fox", max_tokens=4, temperature=0.5, seed=i
+        )
         return out.choices[0].finish_reason
 
     rss = []
@@ -342,8 +404,15 @@ def test_sigint_lets_a_running_stream_finish_then_exits_0(folder):
     first_chunk, chunks = threading.Event(), []
 
     def client():
-        stream = server.client().completions.create(model="tiny", prompt="The quick", max_tokens=400, temperature=1.0,
-                                                    seed=0, stream=True, stream_options={"include_usage": True})
+        stream = server.client().completions.create(
+            model="tiny",
+            prompt="The quick",
+            max_tokens=400,
+            temperature=1.0,
+            seed=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         for c in stream:
             chunks.append(c)
             first_chunk.set()
@@ -359,16 +428,17 @@ def test_sigint_lets_a_running_stream_finish_then_exits_0(folder):
 
 
 def test_serve_without_the_server_extra_says_what_to_install(tmp_path):
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('fastapi', 'uvicorn'):\n"
-            "            raise ImportError('No module named ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from minillm.cli import main\n"
-            "sys.exit(main(['serve']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ})
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn'):\n"
+        "            raise ImportError('No module named ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from minillm.cli import main\n"
+        "sys.exit(main(['serve']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     assert result.returncode == 2 and "pip install 'minillm[serve]'" in result.stderr
 
 
@@ -377,7 +447,12 @@ def test_a_port_in_use_is_one_line_and_status_2(folder):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "minillm", "serve", "--model", str(folder), "--port", str(port)],
-                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-m", "minillm", "serve", "--model", str(folder), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
     assert result.returncode == 2 and "could not listen on 127.0.0.1" in result.stderr
     assert "Traceback" not in result.stderr

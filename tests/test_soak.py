@@ -32,8 +32,9 @@ def stream_text(server, path, body, leave_after=None):
     events."""
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
     try:
-        connection.request("POST", path, body=json.dumps({**body, "stream": True}),
-                           headers={"content-type": "application/json"})
+        connection.request(
+            "POST", path, body=json.dumps({**body, "stream": True}), headers={"content-type": "application/json"}
+        )
         response = connection.getresponse()
         assert response.status == 200, response.read()
         text, reasons, events = "", [], 0
@@ -62,8 +63,10 @@ def stream_text(server, path, body, leave_after=None):
 def leave_while_sending(server):
     """Send the headers and half a body, then hang up."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                  b"content-length: 1000\r\n\r\n{\"prompt\": \"half a bo")
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b'content-length: 1000\r\n\r\n{"prompt": "half a bo'
+        )
 
 
 def job(server, greedy_text, i):
@@ -71,16 +74,19 @@ def job(server, greedy_text, i):
     kind = i % 12
     seed = 1000 + i
     if kind == 0:  # streaming completion
-        text, reasons = stream_text(server, "/v1/completions",
-                                    {"prompt": f"# task {i}\n", "max_tokens": 24, "temperature": 0.8, "seed": seed})
+        text, reasons = stream_text(
+            server, "/v1/completions", {"prompt": f"# task {i}\n", "max_tokens": 24, "temperature": 0.8, "seed": seed}
+        )
         assert reasons in (["stop"], ["length"])
     elif kind == 1:  # non-streaming, n = 3, seeded
-        r = post(server, "/v1/completions", {"prompt": "import os\n", "n": 3, "max_tokens": 12, "temperature": 1.0,
-                                             "seed": seed})
+        r = post(
+            server,
+            "/v1/completions",
+            {"prompt": "import os\n", "n": 3, "max_tokens": 12, "temperature": 1.0, "seed": seed},
+        )
         assert r.status_code == 200 and len(r.json()["choices"]) == 3
     elif kind == 2:  # chat
-        r = post(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 16, "temperature": 0.5,
-                                                  "seed": seed})
+        r = post(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 16, "temperature": 0.5, "seed": seed})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
     elif kind == 3:  # streaming chat
         _, reasons = stream_text(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 16})
@@ -90,19 +96,31 @@ def job(server, greedy_text, i):
         first, second = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
         assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
     elif kind == 5:  # a client that leaves mid-stream
-        stream_text(server, "/v1/completions", {"prompt": "while True:", "max_tokens": 200, "temperature": 1.0,
-                                                "seed": seed, "ignore_eos": True}, leave_after=2)
+        stream_text(
+            server,
+            "/v1/completions",
+            {"prompt": "while True:", "max_tokens": 200, "temperature": 1.0, "seed": seed, "ignore_eos": True},
+            leave_after=2,
+        )
     elif kind == 6:  # malformed bodies
-        for body, status in ((b"{oops", 400), ({"prompt": 5}, 400), ({"prompt": "x", "seed": 2**64}, 400),
-                             ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "temperature": "hot"}, 400),
-                             (b"x" * (2**20 + 10), 413)):
+        for body, status in (
+            (b"{oops", 400),
+            ({"prompt": 5}, 400),
+            ({"prompt": "x", "seed": 2**64}, 400),
+            ({"prompt": "x", "echo": True}, 400),
+            ({"prompt": "x", "temperature": "hot"}, 400),
+            (b"x" * (2**20 + 10), 413),
+        ):
             r = post(server, "/v1/completions", body)
             assert r.status_code == status and r.json()["error"]["message"], (body[:40], r.status_code, r.text)
     elif kind == 7:  # hostile but legal settings
         tiny_t = post(server, "/v1/completions", {**GREEDY, "temperature": 1e-40})
         assert tiny_t.status_code == 200 and tiny_t.json()["choices"][0]["text"] == greedy_text
-        for extra in ({"repetition_penalty": 1e-300, "temperature": 1.0}, {"top_p": 1e-30, "temperature": 1.0},
-                      {"repetition_penalty": 1e300, "frequency_penalty": -2, "temperature": 1.5}):
+        for extra in (
+            {"repetition_penalty": 1e-300, "temperature": 1.0},
+            {"top_p": 1e-30, "temperature": 1.0},
+            {"repetition_penalty": 1e300, "frequency_penalty": -2, "temperature": 1.5},
+        ):
             r = post(server, "/v1/completions", {"prompt": "x = ", "max_tokens": 8, "seed": seed, **extra})
             assert r.status_code == 200, r.text
     elif kind in (8, 9):  # identical greedy requests side by side
@@ -148,10 +166,17 @@ def test_a_mixed_soak_leaves_the_server_as_it_found_it():
 
         def long_stream(k):
             connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=120)
-            body = {"prompt": f"for i in range({k}):", "max_tokens": 64, "temperature": 1.0, "seed": k,
-                    "ignore_eos": True, "stream": True}
-            connection.request("POST", "/v1/completions", body=json.dumps(body),
-                               headers={"content-type": "application/json"})
+            body = {
+                "prompt": f"for i in range({k}):",
+                "max_tokens": 64,
+                "temperature": 1.0,
+                "seed": k,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            connection.request(
+                "POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"}
+            )
             response = connection.getresponse()
             lines = [response.readline()]
             first.wait()

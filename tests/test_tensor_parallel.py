@@ -24,7 +24,7 @@ import torch
 
 from minillm import LLM
 from minillm.errors import MinillmError
-from minillm.tensor_parallel import TensorParallel, check
+from minillm.model.tensor_parallel import TensorParallel, check
 
 pytest.importorskip("transformers")  # the checkpoints are written by transformers' save_pretrained
 
@@ -45,7 +45,7 @@ def short_timeout(monkeypatch):
 
 
 def test_splits_the_shapes_do_not_allow_are_refused_in_one_line(checkpoint):
-    from minillm.config import load_config
+    from minillm.model.config import load_config
 
     config = load_config(checkpoint("llama"))  # 4 heads, 2 kv heads, MLP 128
     for size, what in ((3, "4 attention heads"), (8, "4 attention heads"), (0, "at least 1")):
@@ -61,9 +61,9 @@ def test_splits_the_shapes_do_not_allow_are_refused_in_one_line(checkpoint):
 def test_slices_put_back_together_are_the_checkpoint(checkpoint):
     """Column slices concatenated, row slices side by side, vocabulary rows stacked (padding dropped) give
     back each tensor; replicated kv heads are the right head; a row-parallel bias lives on rank 0 only."""
-    from minillm.config import load_config
-    from minillm.loader import _weight_files, read_tensors
-    from minillm.safetensors_mmap import SafetensorsFile
+    from minillm.loading.loader import _weight_files, read_tensors
+    from minillm.loading.safetensors_mmap import SafetensorsFile
+    from minillm.model.config import load_config
 
     folder = checkpoint("llama", attention_bias=True, mlp_bias=True, vocab_size=321)
     config = load_config(folder)
@@ -155,16 +155,39 @@ def test_the_disk_tier_is_refused_under_tensor_parallelism(checkpoint, tmp_path)
 
 # -- processes launched as torchrun (or two machines) would: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT -------
 
+
 def _launch(folder: Path, new_tokens: int, extra: list[str] = ()) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", MINILLM_TP_TIMEOUT=str(TIMEOUT_S))
-        cmd = [sys.executable, "-m", "minillm", "generate", "--model", str(folder), "--dtype", "float32",
-               "-n", str(new_tokens), "-t", "0", *extra, "The quick brown fox"]
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            MINILLM_TP_TIMEOUT=str(TIMEOUT_S),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "minillm",
+            "generate",
+            "--model",
+            str(folder),
+            "--dtype",
+            "float32",
+            "-n",
+            str(new_tokens),
+            "-t",
+            "0",
+            *extra,
+            "The quick brown fox",
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
 
@@ -191,7 +214,7 @@ def _ends_with_one_line(proc: subprocess.Popen, within_s: float) -> str:
         proc.wait(timeout=within_s)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"still running {within_s} s after the other rank was lost")
+        raise AssertionError(f"still running {within_s} s after the other rank was lost") from None
     err = proc.stderr.read().decode()
     assert proc.returncode not in (0, None), err
     errors = [line for line in err.splitlines() if line.startswith("minillm: error")]
@@ -205,8 +228,26 @@ def test_torchrun_style_launch_generates_what_one_process_does(checkpoint):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1].decode() + outs[1][1].decode()
     assert outs[1][0] == b""  # followers print nothing
-    single = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model", str(folder), "--dtype", "float32",
-                             "-n", "16", "-t", "0", "--json", "The quick brown fox"], capture_output=True, timeout=120)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm",
+            "generate",
+            "--model",
+            str(folder),
+            "--dtype",
+            "float32",
+            "-n",
+            "16",
+            "-t",
+            "0",
+            "--json",
+            "The quick brown fox",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert json.loads(outs[0][0])["token_ids"] == json.loads(single.stdout)["token_ids"]
 
 
@@ -236,8 +277,11 @@ def test_the_server_on_two_ranks_answers_as_one_process_and_stops_its_follower(c
     try:
         children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
         assert len(children) == 1  # rank 1
-        reply = call("POST", f"{server.url}/v1/completions",
-                     {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0})
+        reply = call(
+            "POST",
+            f"{server.url}/v1/completions",
+            {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0},
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"] == expected.text
     finally:
@@ -266,6 +310,7 @@ def test_quantized_weights_split_too():
 
 
 def test_the_cli_refuses_a_split_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "minillm", "generate", "--tp", "3", "hello"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "minillm", "generate", "--tp", "3", "hello"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--tp" in out.stderr, out.stderr

@@ -23,7 +23,9 @@ def test_chat_template_that_writes_bos_gets_no_second_bos(checkpoint, tmp_path):
     folder = tmp_path / "llama3-style"
     shutil.copytree(checkpoint("llama"), folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings["chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    settings["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     ids = Tokenizer(folder).encode_chat([{"role": "user", "content": "hi"}])
     assert ids[0] == 0 and ids.count(0) == 1
@@ -101,8 +103,11 @@ def test_eos_list_from_generation_config_ends_generation(checkpoint):
 
 
 def test_generation_config_supplies_sampling_defaults(checkpoint):
-    llm = LLM.load(checkpoint("qwen2", generation={"do_sample": True, "temperature": 0.7, "top_k": 20,
-                                                   "top_p": 0.8, "max_new_tokens": 5}))
+    llm = LLM.load(
+        checkpoint(
+            "qwen2", generation={"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "max_new_tokens": 5}
+        )
+    )
     s = llm.defaults.sampling
     assert (s.temperature, s.top_k, s.top_p, llm.defaults.max_new_tokens) == (0.7, 20, 0.8, 5)
     assert len(llm.generate("hello", seed=1).token_ids) <= 5
@@ -115,8 +120,12 @@ def test_real_qwen3_chat_template_matches_transformers(thinking):
 
     ours = Tokenizer(QWEN3_TOKENIZER)
     theirs = PreTrainedTokenizerFast.from_pretrained(QWEN3_TOKENIZER)
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2? \u65e5\u672c"},
-                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "2+2? \u65e5\u672c"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
     extra = {} if thinking is None else {"enable_thinking": thinking}
     text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     assert ours.apply_chat_template(messages, add_generation_prompt=True, **extra) == text

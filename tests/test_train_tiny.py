@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from checkpoints import hf_model
+
 from minillm import LLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,12 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_training_steps_write_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "toy"
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train_tiny.py"), "--toy", "--steps", "2",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train_tiny.py"), "--toy", "--steps", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "step 2/2" in result.stderr and "loss" in result.stderr  # the progress bar
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "training_report.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "training_report.json",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 2 and report["held_out_loss_nats_per_token"] > 0

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from minillm.cache.radix_cache import RadixCache
 from minillm.cli import main
-from minillm.radix_cache import RadixCache
 
 
 def run_verify(capsys, *args):
@@ -28,7 +28,7 @@ def test_verify_passes_on_the_bundled_model(capsys):
 
 
 def test_a_planted_rope_bug_fails_parity(checkpoint, capsys, monkeypatch):
-    import minillm.model as model
+    import minillm.model.model as model
 
     real = model.apply_rotary
     monkeypatch.setattr(model, "apply_rotary", lambda x, cos, sin: real(x, cos, -sin))  # rotates the wrong way

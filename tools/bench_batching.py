@@ -68,9 +68,14 @@ def drive(llm: LLM, prompts: list[list[int]], new_tokens: int, **options) -> dic
     results = [h.result() for h in handles]
     prompt_tokens = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
-    return {"completions": results, "total_s": total_s, "decode_tok_s": decode_rows / decode_s if decode_s else 0.0,
-            "peak_slots": peak_used, "hit_rate": cached / prompt_tokens,
-            "output_tok_s": sum(len(r.token_ids) for r in results) / total_s}
+    return {
+        "completions": results,
+        "total_s": total_s,
+        "decode_tok_s": decode_rows / decode_s if decode_s else 0.0,
+        "peak_slots": peak_used,
+        "hit_rate": cached / prompt_tokens,
+        "output_tok_s": sum(len(r.token_ids) for r in results) / total_s,
+    }
 
 
 def bench_decode(llm: LLM, rng: random.Random, batches: list[int], rounds: int) -> dict:
@@ -82,15 +87,21 @@ def bench_decode(llm: LLM, rng: random.Random, batches: list[int], rounds: int) 
             row[b] = drive(llm, [tokens(rng, 128) for _ in range(b)], 32)["decode_tok_s"]
         per_round.append(row)
     best = {b: max(r[b] for r in per_round) for b in batches}
-    return {"prompt_tokens": 128, "new_tokens": 32, "rounds": [{str(b): round(v, 2) for b, v in r.items()} for r in per_round],
-            "best_tok_s": {str(b): round(v, 2) for b, v in best.items()},
-            "speedup_vs_batch_1": {str(b): round(best[b] / best[1], 2) for b in batches}}
+    return {
+        "prompt_tokens": 128,
+        "new_tokens": 32,
+        "rounds": [{str(b): round(v, 2) for b, v in r.items()} for r in per_round],
+        "best_tok_s": {str(b): round(v, 2) for b, v in best.items()},
+        "speedup_vs_batch_1": {str(b): round(best[b] / best[1], 2) for b in batches},
+    }
 
 
 def load_baseline(ref: str):
     """The package as it was at git revision `ref`, importable beside the current one as minillm_baseline."""
     folder = Path(tempfile.mkdtemp(prefix="minillm_baseline_"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "minillm"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "minillm"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     shutil.move(str(folder / "minillm"), str(folder / "minillm_baseline"))
     sys.path.insert(0, str(folder))
@@ -113,18 +124,27 @@ def bench_lone(llm: LLM, baseline_llm, rng: random.Random, rounds: int) -> dict:
     rows = []
     for i in range(rounds):
         prompt = tokens(rng, 512)
-        for name in (("new", "baseline") if i % 2 == 0 else ("baseline", "new")):
+        for name in ("new", "baseline") if i % 2 == 0 else ("baseline", "new"):
             engine = llm if name == "new" else baseline_llm
             c = engine.generate(prompt, max_new_tokens=33, temperature=0, use_prefix_cache=False)
             rows.append({"engine": name, "prefill_tok_s": c.prefill_tok_s, "decode_tok_s": c.decode_tok_s})
 
     def ratio(key):  # median over rounds of new / baseline, each round's two runs back to back
         pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
-        return round(statistics.median(
-            (a if a["engine"] == "new" else b)[key] / (b if a["engine"] == "new" else a)[key] for a, b in pairs), 3)
+        return round(
+            statistics.median(
+                (a if a["engine"] == "new" else b)[key] / (b if a["engine"] == "new" else a)[key] for a, b in pairs
+            ),
+            3,
+        )
 
-    return {"prompt_tokens": 512, "new_tokens": 33, "runs": rows,
-            "prefill_new_over_baseline": ratio("prefill_tok_s"), "decode_new_over_baseline": ratio("decode_tok_s")}
+    return {
+        "prompt_tokens": 512,
+        "new_tokens": 33,
+        "runs": rows,
+        "prefill_new_over_baseline": ratio("prefill_tok_s"),
+        "decode_new_over_baseline": ratio("decode_tok_s"),
+    }
 
 
 def bench_shared(llm: LLM, rng: random.Random) -> dict:
@@ -133,44 +153,75 @@ def bench_shared(llm: LLM, rng: random.Random) -> dict:
     suffixes = [tokens(rng, 32) for _ in range(16)]
     out = drive(llm, [prefix + s for s in suffixes], 16)
     ideal = len(prefix) + sum(len(s) + 16 for s in suffixes)
-    return {"prefix_tokens": 1024, "requests": 16, "suffix_tokens": 32, "new_tokens": 16,
-            "peak_slots_in_use": out["peak_slots"], "prefix_plus_suffixes_plus_outputs": ideal,
-            "requests_that_reused_the_prefix": sum(c.cached_tokens >= 1024 for c in out["completions"]),
-            "unshared_would_need": 16 * (1024 + 32 + 16)}
+    return {
+        "prefix_tokens": 1024,
+        "requests": 16,
+        "suffix_tokens": 32,
+        "new_tokens": 16,
+        "peak_slots_in_use": out["peak_slots"],
+        "prefix_plus_suffixes_plus_outputs": ideal,
+        "requests_that_reused_the_prefix": sum(c.cached_tokens >= 1024 for c in out["completions"]),
+        "unshared_would_need": 16 * (1024 + 32 + 16),
+    }
 
 
 def bench_ttft(llm: LLM, rng: random.Random, rounds: int) -> dict:
     llm.configure()
     rows = {256: [], 2048: []}
     for i in range(rounds):
-        for cached in ((256, 2048) if i % 2 == 0 else (2048, 256)):
+        for cached in (256, 2048) if i % 2 == 0 else (2048, 256):
             prefix = tokens(rng, cached)
             llm.generate(prefix + [7], max_new_tokens=1, temperature=0)
             c = llm.generate(prefix + tokens(rng, 32), max_new_tokens=1, temperature=0)
             assert c.cached_tokens == cached
             rows[cached].append(c.ttft_s)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    return {"new_tokens": 32, "ttft_s": {str(k): [round(x, 4) for x in v] for k, v in rows.items()},
-            "median_ttft_s": {str(k): round(v, 4) for k, v in med.items()},
-            "ratio_2048_over_256": round(med[2048] / med[256], 3)}
+    return {
+        "new_tokens": 32,
+        "ttft_s": {str(k): [round(x, 4) for x in v] for k, v in rows.items()},
+        "median_ttft_s": {str(k): round(v, 4) for k, v in med.items()},
+        "ratio_2048_over_256": round(med[2048] / med[256], 3),
+    }
 
 
-def bench_policy(llm: LLM, rng: random.Random, groups: int, per_group: int, prefix_len: int, question: int,
-                 new_tokens: int, pool_prefixes: float) -> dict:
+def bench_policy(
+    llm: LLM,
+    rng: random.Random,
+    groups: int,
+    per_group: int,
+    prefix_len: int,
+    question: int,
+    new_tokens: int,
+    pool_prefixes: float,
+) -> dict:
     prefixes = [tokens(rng, prefix_len) for _ in range(groups)]
     prompts = [prefixes[g] + tokens(rng, question) for p in range(per_group) for g in range(groups)]  # interleaved
     kv_tokens = int(pool_prefixes * prefix_len)
     total = sum(len(p) for p in prompts)
     best_hit = (groups * (per_group - 1) * prefix_len) / total  # each prefix computed once
-    out = {"groups": groups, "per_group": per_group, "prefix_tokens": prefix_len, "question_tokens": question,
-           "new_tokens": new_tokens, "pool_tokens": kv_tokens, "max_batch": 4, "best_possible_hit_rate": round(best_hit, 4)}
-    for name, settings in (("lpm", dict(schedule_policy="lpm")), ("fcfs", dict(schedule_policy="fcfs")),
-                           ("cache_off", dict(prefix_cache=False))):
+    out = {
+        "groups": groups,
+        "per_group": per_group,
+        "prefix_tokens": prefix_len,
+        "question_tokens": question,
+        "new_tokens": new_tokens,
+        "pool_tokens": kv_tokens,
+        "max_batch": 4,
+        "best_possible_hit_rate": round(best_hit, 4),
+    }
+    for name, settings in (
+        ("lpm", dict(schedule_policy="lpm")),
+        ("fcfs", dict(schedule_policy="fcfs")),
+        ("cache_off", dict(prefix_cache=False)),
+    ):
         llm.configure(kv_tokens=kv_tokens, max_batch=4, **settings)
         r = drive(llm, prompts, new_tokens)
-        out[name] = {"hit_rate": round(r["hit_rate"], 4), "total_s": round(r["total_s"], 2),
-                     "requests_per_s": round(len(prompts) / r["total_s"], 3),
-                     "preemptions": llm.engine.scheduler.preemptions}
+        out[name] = {
+            "hit_rate": round(r["hit_rate"], 4),
+            "total_s": round(r["total_s"], 2),
+            "requests_per_s": round(len(prompts) / r["total_s"], 3),
+            "preemptions": llm.engine.scheduler.preemptions,
+        }
     out["lpm_hit_rate_over_best"] = round(out["lpm"]["hit_rate"] / best_hit, 3)
     out["lpm_over_fcfs_throughput"] = round(out["fcfs"]["total_s"] / out["lpm"]["total_s"], 3)
     return out
@@ -185,8 +236,13 @@ def bench_exact(model: str, dtype: str, fast: LLM, rng: random.Random, rounds: i
             llm.configure(max_batch=16)
             rows.append({"mode": name, "decode_tok_s": drive(llm, prompts, 32)["decode_tok_s"]})
     best = {m: max(r["decode_tok_s"] for r in rows if r["mode"] == m) for m in ("fast", "exact")}
-    return {"batch": 16, "exact_decode_rows": exact.engine.exact_decode_rows, "runs": rows,
-            "best_tok_s": best, "exact_over_fast": round(best["exact"] / best["fast"], 3)}
+    return {
+        "batch": 16,
+        "exact_decode_rows": exact.engine.exact_decode_rows,
+        "runs": rows,
+        "best_tok_s": best,
+        "exact_over_fast": round(best["exact"] / best["fast"], 3),
+    }
 
 
 def main() -> int:
@@ -202,9 +258,16 @@ def main() -> int:
     rng = random.Random(0)
     llm = LLM.load(args.model, dtype=args.dtype)
     llm.defaults.eos_token_ids = []  # random weights: never stop early, so every run does the same work
-    report = {"machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "python": platform.python_version()},
-              "model": args.model, "dtype": str(llm.dtype)}
+    report = {
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": args.model,
+        "dtype": str(llm.dtype),
+    }
     if "decode" in args.only:
         report["decode"] = bench_decode(llm, rng, [1, 8, 16], args.rounds)
         print("decode", report["decode"]["speedup_vs_batch_1"], flush=True)
@@ -215,7 +278,9 @@ def main() -> int:
         llm.configure()
         report["lone"] = bench_lone(llm, baseline, rng, 2 * args.rounds)
         del baseline
-        print("lone", report["lone"]["prefill_new_over_baseline"], report["lone"]["decode_new_over_baseline"], flush=True)
+        print(
+            "lone", report["lone"]["prefill_new_over_baseline"], report["lone"]["decode_new_over_baseline"], flush=True
+        )
     if "shared" in args.only:
         report["shared"] = bench_shared(llm, rng)
         print("shared", report["shared"], flush=True)
@@ -223,8 +288,9 @@ def main() -> int:
         report["ttft"] = bench_ttft(llm, rng, 2 * args.rounds + 1)
         print("ttft", report["ttft"]["ratio_2048_over_256"], flush=True)
     if "policy" in args.only:
-        report["policy"] = bench_policy(llm, rng, groups=8, per_group=4, prefix_len=512, question=32, new_tokens=8,
-                                        pool_prefixes=6)
+        report["policy"] = bench_policy(
+            llm, rng, groups=8, per_group=4, prefix_len=512, question=32, new_tokens=8, pool_prefixes=6
+        )
         print("policy", report["policy"], flush=True)
     if "exact" in args.only:
         report["exact"] = bench_exact(args.model, args.dtype, llm, rng, args.rounds)

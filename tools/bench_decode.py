@@ -9,9 +9,10 @@ says how they are made), run with `-t <threads>`. Each round measures every engi
 decode tokens/s over 64 tokens (minillm after a 128-token prompt; llama-bench `-p 0 -n 64` from an empty
 context: in this build any prompt batch on the Q8_0 and Q4_0 files segfaults in its repacked kernels, `-d
 128` included, so minillm decodes at the slightly longer context) and prefill tokens/s of a 512-token
-prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs). Reported: best round per engine, the ratios the issue asks
-for, each minillm mode's share of the bandwidth bound (read bandwidth probed each round / bytes a decode
-step reads), and the load time and resident memory of each minillm mode in a fresh process.
+prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs). Reported: best round
+per engine, the ratios the issue asks for, each minillm mode's share of the bandwidth bound (read bandwidth
+probed each round / bytes a decode step reads), and the load time and resident memory of each minillm mode in
+a fresh process.
 """
 
 from __future__ import annotations
@@ -33,15 +34,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_speed import interleaved, read_bandwidth_gbs  # noqa: E402
 
 from minillm import LLM  # noqa: E402
-from minillm.prepack import PackedLinear  # noqa: E402
-from minillm.quantize import QuantizedLinear  # noqa: E402
+from minillm.loading.prepack import PackedLinear  # noqa: E402
+from minillm.loading.quantize import QuantizedLinear  # noqa: E402
 
-MINILLM = {"minillm fp32": ("float32", None), "minillm bf16": ("bfloat16", None),
-           "minillm int8": ("bfloat16", "int8"), "minillm int4": ("bfloat16", "int4")}
-LLAMA = {"llama.cpp f32": "serve-f32.gguf", "llama.cpp bf16": "serve-bf16.gguf",
-         "llama.cpp q8_0": "serve-q8_0.gguf", "llama.cpp q4_0": "serve-q4_0.gguf"}
-PEERS = {"minillm fp32": "llama.cpp f32", "minillm bf16": "llama.cpp bf16", "minillm int8": "llama.cpp q8_0",
-         "minillm int4": "llama.cpp q4_0"}
+MINILLM = {
+    "minillm fp32": ("float32", None),
+    "minillm bf16": ("bfloat16", None),
+    "minillm int8": ("bfloat16", "int8"),
+    "minillm int4": ("bfloat16", "int4"),
+}
+LLAMA = {
+    "llama.cpp f32": "serve-f32.gguf",
+    "llama.cpp bf16": "serve-bf16.gguf",
+    "llama.cpp q8_0": "serve-q8_0.gguf",
+    "llama.cpp q4_0": "serve-q4_0.gguf",
+}
+PEERS = {
+    "minillm fp32": "llama.cpp f32",
+    "minillm bf16": "llama.cpp bf16",
+    "minillm int8": "llama.cpp q8_0",
+    "minillm int4": "llama.cpp q4_0",
+}
 
 
 def step_bytes(llm: LLM) -> int:
@@ -87,33 +100,49 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
     pool; after a first load of the bundled model in the same mode) adds to resident memory
     (model_resident_kib), against the bytes of the tensors it holds."""
     tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
-    head = (f"import sys, time; sys.path[:0] = [{root!r}, {tools!r}]\n"
-            "import torch; from pathlib import Path; from minillm import LLM\n"
-            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n")
-    whole = head + (f"before = kib('VmRSS:'); t = time.perf_counter(); llm = LLM.load({model!r}, dtype={dtype!r}, quantize={quantize!r})\n"
-                    "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)")
-    alone = head + ("from minillm.config import load_config; from minillm.loader import load_model\n"
-                    "from bench_decode import model_bytes, model_resident_kib\n"
-                    # A first load costs about 66 MB that a second does not (torch's threads, Python modules,
-                    # kernels' first use: measured with the 5 MB bundled model); so load that one first.
-                    "from minillm.llm import bundled_model; tiny = bundled_model()\n"
-                    f"warm = load_model(tiny, load_config(tiny), getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
-                    f"folder = Path({model!r}); config = load_config(folder); before = model_resident_kib()\n"
-                    f"m = load_model(folder, config, getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
-                    "print(before, model_resident_kib(), model_bytes(m))")
+    head = (
+        f"import sys, time; sys.path[:0] = [{root!r}, {tools!r}]\n"
+        "import torch; from pathlib import Path; from minillm import LLM\n"
+        "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"  # noqa: E501
+    )
+    whole = head + (
+        f"before = kib('VmRSS:'); t = time.perf_counter(); llm = LLM.load({model!r}, dtype={dtype!r}, quantize={quantize!r})\n"  # noqa: E501
+        "print(before, kib('VmHWM:'), kib('VmRSS:'), time.perf_counter() - t)"
+    )
+    alone = head + (
+        "from minillm.model.config import load_config; from minillm.loading.loader import load_model\n"
+        "from bench_decode import model_bytes, model_resident_kib\n"
+        # A first load costs about 66 MB that a second does not (torch's threads, Python modules,
+        # kernels' first use: measured with the 5 MB bundled model); so load that one first.
+        "from minillm.llm import bundled_model; tiny = bundled_model()\n"
+        f"warm = load_model(tiny, load_config(tiny), getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
+        f"folder = Path({model!r}); config = load_config(folder); before = model_resident_kib()\n"
+        f"m = load_model(folder, config, getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
+        "print(before, model_resident_kib(), model_bytes(m))"
+    )
     out = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=True)
     before, peak, now, seconds = out.stdout.split()
     out = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, check=True)
     model_before, model_after, held = map(int, out.stdout.split())
     model_rss = (model_after - model_before) * 1024
-    return {"load_s": round(float(seconds), 2), "rss_before_load_bytes": int(before) * 1024,
-            "peak_rss_bytes": int(peak) * 1024, "rss_after_load_bytes": int(now) * 1024,
-            "model_rss_bytes": model_rss, "model_tensor_bytes": held, "model_rss_over_tensor_bytes": round(model_rss / held, 3)}
+    return {
+        "load_s": round(float(seconds), 2),
+        "rss_before_load_bytes": int(before) * 1024,
+        "peak_rss_bytes": int(peak) * 1024,
+        "rss_after_load_bytes": int(now) * 1024,
+        "model_rss_bytes": model_rss,
+        "model_tensor_bytes": held,
+        "model_rss_over_tensor_bytes": round(model_rss / held, 3),
+    }
 
 
 def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> float:
-    out = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise SystemExit(f"bench_decode: llama-bench failed on {gguf}: {out.stderr.strip().splitlines()[-1:]}")
     return float(json.loads(out.stdout)[0]["avg_ts"])
@@ -162,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     bandwidths = decode_runs.pop("read_bandwidth")
     rows = {}
     for name in engines:
-        row = {"decode_tok_s": round(max(decode_runs[name]), 2), "decode_per_round": [round(v, 2) for v in decode_runs[name]],
-               "prefill_512_tok_s": round(max(prefill_runs[name]), 1),
-               "prefill_per_round": [round(v, 1) for v in prefill_runs[name]]}
+        row = {
+            "decode_tok_s": round(max(decode_runs[name]), 2),
+            "decode_per_round": [round(v, 2) for v in decode_runs[name]],
+            "prefill_512_tok_s": round(max(prefill_runs[name]), 1),
+            "prefill_per_round": [round(v, 1) for v in prefill_runs[name]],
+        }
         if name in llms:
             row["step_bytes"] = step_bytes(llms[name])
             shares = [t * row["step_bytes"] / (b * 1e9) for t, b in zip(decode_runs[name], bandwidths)]
@@ -175,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         if peer in rows:
             ratios[f"{ours} / {peer}"] = {
                 "decode": round(rows[ours]["decode_tok_s"] / rows[peer]["decode_tok_s"], 3),
-                "prefill": round(rows[ours]["prefill_512_tok_s"] / rows[peer]["prefill_512_tok_s"], 3)}
-    ratios["minillm int8 / minillm bf16, decode"] = round(rows["minillm int8"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3)
-    ratios["minillm int4 / minillm bf16, decode"] = round(rows["minillm int4"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3)
+                "prefill": round(rows[ours]["prefill_512_tok_s"] / rows[peer]["prefill_512_tok_s"], 3),
+            }
+    ratios["minillm int8 / minillm bf16, decode"] = round(
+        rows["minillm int8"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3
+    )
+    ratios["minillm int4 / minillm bf16, decode"] = round(
+        rows["minillm int4"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3
+    )
     bench_seconds = time.perf_counter() - start
     llms.clear()
     for name, (dtype, quantize) in MINILLM.items():
@@ -186,10 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     if peers:
         v = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
         version = (v.stdout + v.stderr).strip().splitlines()[:1]
-    report = {"machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                          "llama.cpp": version}, "model": args.model,
-              "read_bandwidth_GBs": [round(b, 1) for b in bandwidths], "bench_seconds": round(bench_seconds),
-              "rows": rows, "ratios": ratios}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "llama.cpp": version,
+        },
+        "model": args.model,
+        "read_bandwidth_GBs": [round(b, 1) for b in bandwidths],
+        "bench_seconds": round(bench_seconds),
+        "rows": rows,
+        "ratios": ratios,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

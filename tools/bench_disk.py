@@ -42,8 +42,20 @@ def document(model: Path, tokens: int, seed: int) -> str:
 
 
 def run(model: Path, prompt: str, new_tokens: int, cache_dir: Path | None, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "minillm", "generate", "--model", str(model), "--json", "-n", str(new_tokens),
-           "-t", "0", prompt]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minillm",
+        "generate",
+        "--model",
+        str(model),
+        "--json",
+        "-n",
+        str(new_tokens),
+        "-t",
+        "0",
+        prompt,
+    ]
     if cache_dir is not None:
         cmd[4:4] = ["--cache-dir", str(cache_dir)]
     env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -53,12 +65,22 @@ def run(model: Path, prompt: str, new_tokens: int, cache_dir: Path | None, threa
     if done.returncode != 0:
         sys.exit(f"minillm failed:\n{done.stderr[-2000:]}")
     c = json.loads(done.stdout.strip().splitlines()[-1])
-    result = {"wall_s": wall, "ttft_s": c["ttft_s"], "end_to_end_s": c["ttft_s"] + c["timings"]["decode_s"],
-              "prompt_tokens": c["prompt_tokens"], "cached_tokens": c["cached_tokens"], "token_ids": c["token_ids"]}
+    result = {
+        "wall_s": wall,
+        "ttft_s": c["ttft_s"],
+        "end_to_end_s": c["ttft_s"] + c["timings"]["decode_s"],
+        "prompt_tokens": c["prompt_tokens"],
+        "cached_tokens": c["cached_tokens"],
+        "token_ids": c["token_ids"],
+    }
     disk = re.search(r"(\d+) tokens read in ([\d.]+) s, (\d+) written in ([\d.]+) s", done.stderr)
     if disk:
-        result |= {"read_tokens": int(disk[1]), "read_s": float(disk[2]), "written_tokens": int(disk[3]),
-                   "write_s": float(disk[4])}
+        result |= {
+            "read_tokens": int(disk[1]),
+            "read_s": float(disk[2]),
+            "written_tokens": int(disk[3]),
+            "write_s": float(disk[4]),
+        }
     return result
 
 
@@ -84,26 +106,46 @@ def main() -> int:
         if not i % 2:
             plain = run(args.model, questions[0], args.new_tokens, None, args.threads)
         assert cold["token_ids"] == plain["token_ids"], "the disk tier changed the output"
-        r = {"cold": cold, "second": second, "no_disk": plain,
-             "ttft_speedup": cold["ttft_s"] / second["ttft_s"],
-             "write_share_of_request": cold["write_s"] / cold["end_to_end_s"],
-             "cold_wall_over_no_disk": cold["wall_s"] / plain["wall_s"]}
+        r = {
+            "cold": cold,
+            "second": second,
+            "no_disk": plain,
+            "ttft_speedup": cold["ttft_s"] / second["ttft_s"],
+            "write_share_of_request": cold["write_s"] / cold["end_to_end_s"],
+            "cold_wall_over_no_disk": cold["wall_s"] / plain["wall_s"],
+        }
         rounds.append(r)
-        print(f"round {i + 1}: prompt {cold['prompt_tokens']} tokens; ttft cold {cold['ttft_s']:.2f} s, second "
-              f"{second['ttft_s']:.3f} s ({second['cached_tokens']} cached, read in {second['read_s']:.3f} s) = "
-              f"{r['ttft_speedup']:.1f}x; writing {cold['written_tokens']} tokens took {cold['write_s']:.3f} s = "
-              f"{r['write_share_of_request']:.1%} of the cold request ({cold['end_to_end_s']:.2f} s); process wall "
-              f"cold {cold['wall_s']:.1f} s, no-disk {plain['wall_s']:.1f} s, second {second['wall_s']:.1f} s", flush=True)
-    summary = {k: statistics.median(r[k] for r in rounds)
-               for k in ("ttft_speedup", "write_share_of_request", "cold_wall_over_no_disk")}
+        print(
+            f"round {i + 1}: prompt {cold['prompt_tokens']} tokens; ttft cold {cold['ttft_s']:.2f} s, second "
+            f"{second['ttft_s']:.3f} s ({second['cached_tokens']} cached, read in {second['read_s']:.3f} s) = "
+            f"{r['ttft_speedup']:.1f}x; writing {cold['written_tokens']} tokens took {cold['write_s']:.3f} s = "
+            f"{r['write_share_of_request']:.1%} of the cold request ({cold['end_to_end_s']:.2f} s); process wall "
+            f"cold {cold['wall_s']:.1f} s, no-disk {plain['wall_s']:.1f} s, second {second['wall_s']:.1f} s",
+            flush=True,
+        )
+    summary = {
+        k: statistics.median(r[k] for r in rounds)
+        for k in ("ttft_speedup", "write_share_of_request", "cold_wall_over_no_disk")
+    }
     print("medians: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     if args.out:
         for r in rounds:
             for run_ in ("cold", "second", "no_disk"):
                 r[run_].pop("token_ids")
-        args.out.write_text(json.dumps({"model": str(args.model), "doc_tokens": args.doc_tokens,
-                                        "new_tokens": args.new_tokens, "threads": args.threads,
-                                        "medians": summary, "rounds": rounds}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "doc_tokens": args.doc_tokens,
+                    "new_tokens": args.new_tokens,
+                    "threads": args.threads,
+                    "medians": summary,
+                    "rounds": rounds,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

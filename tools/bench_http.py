@@ -49,9 +49,25 @@ def healthy(port: int) -> bool:
 
 def start_server(args, port: int) -> subprocess.Popen:
     flags = ["--dtype", args.dtype] if args.dtype else []
-    proc = subprocess.Popen([sys.executable, "-m", "minillm", "serve", "--model", args.model, "--port", str(port),
-                             "--served-model-name", "bench", "--max-batch", str(args.requests), *flags],
-                            cwd=ROOT, stderr=open(args.server_log, "w") if args.server_log else subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "minillm",
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            "--max-batch",
+            str(args.requests),
+            *flags,
+        ],
+        cwd=ROOT,
+        stderr=open(args.server_log, "w") if args.server_log else subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if healthy(port):
@@ -68,8 +84,14 @@ def workload(rng: random.Random, args) -> list[list[int]]:
 
 def over_http(client, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
     def one(prompt):
-        stream = client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True})
+        stream = client.completions.create(
+            model="bench",
+            prompt=prompt,
+            max_tokens=new_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         return [c for c in stream][-1].usage.completion_tokens
 
     client.completions.create(model="bench", prompt=prompts[0][:-1], max_tokens=1)  # warm the shared prefix
@@ -108,12 +130,22 @@ def main() -> int:
     rows = []
     try:
         for r in range(args.rounds):
-            for name in (("http", "in_process") if r % 2 == 0 else ("in_process", "http")):
+            for name in ("http", "in_process") if r % 2 == 0 else ("in_process", "http"):
                 prompts = workload(rng, args)
-                seconds, tokens = over_http(client, prompts, args.new_tokens) if name == "http" else \
-                    in_process(llm, prompts, args.new_tokens)
-                rows.append({"round": r, "mode": name, "seconds": round(seconds, 3), "output_tokens": tokens,
-                             "output_tok_s": round(tokens / seconds, 2)})
+                seconds, tokens = (
+                    over_http(client, prompts, args.new_tokens)
+                    if name == "http"
+                    else in_process(llm, prompts, args.new_tokens)
+                )
+                rows.append(
+                    {
+                        "round": r,
+                        "mode": name,
+                        "seconds": round(seconds, 3),
+                        "output_tokens": tokens,
+                        "output_tok_s": round(tokens / seconds, 2),
+                    }
+                )
                 print(rows[-1], flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -122,9 +154,17 @@ def main() -> int:
     for r in range(args.rounds):
         by_mode = {row["mode"]: row["output_tok_s"] for row in rows if row["round"] == r}
         ratios.append(by_mode["http"] / by_mode["in_process"])
-    report = {"model": args.model, "dtype": args.dtype, "requests": args.requests, "prefix_tokens": args.prefix,
-              "question_tokens": args.question, "new_tokens": args.new_tokens, "rounds": rows,
-              "http_over_in_process": [round(x, 3) for x in ratios], "median": round(statistics.median(ratios), 3)}
+    report = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "requests": args.requests,
+        "prefix_tokens": args.prefix,
+        "question_tokens": args.question,
+        "new_tokens": args.new_tokens,
+        "rounds": rows,
+        "http_over_in_process": [round(x, 3) for x in ratios],
+        "median": round(statistics.median(ratios), 3),
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -71,14 +71,33 @@ KERNELS = {
     "fp32 oneDNN packed": (onednn, onednn_product, torch.float32, 4),
     "bf16 F.linear (MKL)": (lambda w: w.bfloat16(), lambda x, w: torch.nn.functional.linear(x, w), torch.bfloat16, 2),
     "bf16 oneDNN packed": (lambda w: onednn(w.bfloat16()), onednn_product, torch.bfloat16, 2),
-    "int8 _weight_int8pack_mm": (lambda w: (lambda q, s: (q, s.bfloat16()))(*int8(w)),
-                                 lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w), torch.bfloat16, 1),
-    "int4 _weight_int4pack_mm_for_cpu": (int4, lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]),
-                                         torch.bfloat16, 0.5 + 4 / 32),  # a bf16 scale and zero per 32 weights
+    "int8 _weight_int8pack_mm": (
+        lambda w: (lambda q, s: (q, s.bfloat16()))(*int8(w)),
+        lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w),
+        torch.bfloat16,
+        1,
+    ),
+    "int4 _weight_int4pack_mm_for_cpu": (
+        int4,
+        lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]),
+        torch.bfloat16,
+        0.5 + 4 / 32,
+    ),  # a bf16 scale and zero per 32 weights
     "int8 x int8 torch._int_mm": (lambda w: int8(w)[0].t(), torch._int_mm, torch.int8, 1),
-    "int8 oneDNN qlinear_pointwise": (qlinear, lambda x, w: torch.ops.onednn.qlinear_pointwise(
-        x, 0.5, 0, w[0], w[1], w[2], None, 1.0, 0, torch.float32, "none", [], ""), torch.int8, 1),
-    "int8 fbgemm linear_dynamic": (fbgemm, lambda x, w: torch.ops.quantized.linear_dynamic(x, w, True), torch.float32, 1),
+    "int8 oneDNN qlinear_pointwise": (
+        qlinear,
+        lambda x, w: torch.ops.onednn.qlinear_pointwise(
+            x, 0.5, 0, w[0], w[1], w[2], None, 1.0, 0, torch.float32, "none", [], ""
+        ),
+        torch.int8,
+        1,
+    ),
+    "int8 fbgemm linear_dynamic": (
+        fbgemm,
+        lambda x, w: torch.ops.quantized.linear_dynamic(x, w, True),
+        torch.float32,
+        1,
+    ),
 }
 
 
@@ -86,8 +105,10 @@ def measure(make, product, act_dtype, bytes_per_weight: float, repeats: int) -> 
     torch.manual_seed(0)
     layers = [(make(torch.randn(o, i) * 0.05), i) for _ in range(LAYERS) for o, i in LAYER_SHAPES]
     head = make(torch.randn(*HEAD_SHAPE) * 0.05)
-    rows = {i: (torch.randint(-100, 100, (1, i)) if act_dtype == torch.int8 else torch.randn(1, i)).to(act_dtype)
-            for i in {i for _, i in LAYER_SHAPES}}
+    rows = {
+        i: (torch.randint(-100, 100, (1, i)) if act_dtype == torch.int8 else torch.randn(1, i)).to(act_dtype)
+        for i in {i for _, i in LAYER_SHAPES}
+    }
 
     def best(run) -> float:
         run()
@@ -102,8 +123,12 @@ def measure(make, product, act_dtype, bytes_per_weight: float, repeats: int) -> 
     head_s = best(lambda: product(rows[HEAD_SHAPE[1]], head))
     layer_bytes = LAYERS * sum(o * i for o, i in LAYER_SHAPES) * bytes_per_weight
     head_bytes = HEAD_SHAPE[0] * HEAD_SHAPE[1] * bytes_per_weight
-    return {"layers_ms": round(layer_s * 1e3, 1), "layers_GBs": round(layer_bytes / layer_s / 1e9, 1),
-            "head_ms": round(head_s * 1e3, 1), "head_GBs": round(head_bytes / head_s / 1e9, 1)}
+    return {
+        "layers_ms": round(layer_s * 1e3, 1),
+        "layers_GBs": round(layer_bytes / layer_s / 1e9, 1),
+        "head_ms": round(head_s * 1e3, 1),
+        "head_GBs": round(head_bytes / head_s / 1e9, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import LLM  # noqa: E402
-from minillm.radix_cache import RadixCache  # noqa: E402
+from minillm.cache.radix_cache import RadixCache  # noqa: E402
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:
@@ -42,8 +42,13 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
 def run(llm: LLM, prompt: list[int], new_tokens: int, cache: bool) -> dict:
     c = llm.generate(prompt, max_new_tokens=new_tokens, temperature=0, use_prefix_cache=cache)
     total = c.ttft_s + c.decode_s
-    return {"prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens, "computed_tokens": c.computed_tokens,
-            "ttft_s": round(c.ttft_s, 4), "total_s": round(total, 4)}
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "cached_tokens": c.cached_tokens,
+        "computed_tokens": c.computed_tokens,
+        "ttft_s": round(c.ttft_s, 4),
+        "total_s": round(total, 4),
+    }
 
 
 def bench_ttft(llm: LLM, rng: random.Random, prefix_len: int, suffix_len: int, repeats: int) -> dict:
@@ -56,10 +61,19 @@ def bench_ttft(llm: LLM, rng: random.Random, prefix_len: int, suffix_len: int, r
         llm.generate(prefix + [7], max_new_tokens=1, temperature=0)  # cache the prefix
         warm = run(llm, prompt, 1, cache=True)
         assert warm["cached_tokens"] == prefix_len
-        rows.append({"cold_ttft_s": cold["ttft_s"], "warm_ttft_s": warm["ttft_s"],
-                     "speedup": round(cold["ttft_s"] / warm["ttft_s"], 1)})
-    return {"prefix_tokens": prefix_len, "suffix_tokens": suffix_len, "runs": rows,
-            "median_speedup": statistics.median(r["speedup"] for r in rows)}
+        rows.append(
+            {
+                "cold_ttft_s": cold["ttft_s"],
+                "warm_ttft_s": warm["ttft_s"],
+                "speedup": round(cold["ttft_s"] / warm["ttft_s"], 1),
+            }
+        )
+    return {
+        "prefix_tokens": prefix_len,
+        "suffix_tokens": suffix_len,
+        "runs": rows,
+        "median_speedup": statistics.median(r["speedup"] for r in rows),
+    }
 
 
 def bench_no_sharing(llm: LLM, rng: random.Random, prompts: int, length: int, new_tokens: int, rounds: int) -> dict:
@@ -72,9 +86,14 @@ def bench_no_sharing(llm: LLM, rng: random.Random, prompts: int, length: int, ne
             start = time.perf_counter()
             llm.generate(prompt, max_new_tokens=new_tokens, temperature=0, use_prefix_cache=mode == "on")
             totals[mode] += time.perf_counter() - start
-    return {"prompts": prompts * rounds, "prompt_tokens": length, "new_tokens": new_tokens,
-            "cache_on_s": round(totals["on"], 3), "cache_off_s": round(totals["off"], 3),
-            "on_over_off": round(totals["on"] / totals["off"], 4)}
+    return {
+        "prompts": prompts * rounds,
+        "prompt_tokens": length,
+        "new_tokens": new_tokens,
+        "cache_on_s": round(totals["on"], 3),
+        "cache_off_s": round(totals["off"], 3),
+        "on_over_off": round(totals["on"] / totals["off"], 4),
+    }
 
 
 def bench_radix_ops(llm: LLM, rng: random.Random, length: int, repeats: int) -> dict:
@@ -96,8 +115,11 @@ def bench_radix_ops(llm: LLM, rng: random.Random, length: int, repeats: int) -> 
         tree.insert(prompt, slots)
         hit.append(time.perf_counter() - start)
         assert m.length == length
-    return {"prompt_tokens": length, "insert_new_then_match_ms": round(1000 * statistics.median(miss), 3),
-            "match_hit_then_insert_ms": round(1000 * statistics.median(hit), 3)}
+    return {
+        "prompt_tokens": length,
+        "insert_new_then_match_ms": round(1000 * statistics.median(miss), 3),
+        "match_hit_then_insert_ms": round(1000 * statistics.median(hit), 3),
+    }
 
 
 def bench_requests(llm: LLM, prompts: list[list[int]], new_tokens: int, doc_tokens: list[int] | None = None) -> dict:
@@ -107,20 +129,31 @@ def bench_requests(llm: LLM, prompts: list[list[int]], new_tokens: int, doc_toke
     for i, prompt in enumerate(prompts):
         on = run(llm, prompt, new_tokens, cache=True)
         off = run(llm, prompt, new_tokens, cache=False)
-        row = {"request": i, **{f"on_{k}": v for k, v in on.items()}, "off_total_s": off["total_s"],
-               "off_ttft_s": off["ttft_s"]}
+        row = {
+            "request": i,
+            **{f"on_{k}": v for k, v in on.items()},
+            "off_total_s": off["total_s"],
+            "off_ttft_s": off["ttft_s"],
+        }
         per_request.append(row)
     cached = sum(r["on_cached_tokens"] for r in per_request)
     prompt_total = sum(r["on_prompt_tokens"] for r in per_request)
     on_s = sum(r["on_total_s"] for r in per_request)
     off_s = sum(r["off_total_s"] for r in per_request)
-    summary = {"requests": len(prompts), "hit_rate": round(cached / prompt_total, 4), "cached_tokens": cached,
-               "prompt_tokens": prompt_total, "cache_on_s": round(on_s, 2), "cache_off_s": round(off_s, 2),
-               "end_to_end_speedup": round(off_s / on_s, 2),
-               "misses": sum(1 for r in per_request if r["on_cached_tokens"] < r["on_prompt_tokens"] // 2)}
+    summary = {
+        "requests": len(prompts),
+        "hit_rate": round(cached / prompt_total, 4),
+        "cached_tokens": cached,
+        "prompt_tokens": prompt_total,
+        "cache_on_s": round(on_s, 2),
+        "cache_off_s": round(off_s, 2),
+        "end_to_end_speedup": round(off_s / on_s, 2),
+        "misses": sum(1 for r in per_request if r["on_cached_tokens"] < r["on_prompt_tokens"] // 2),
+    }
     if doc_tokens is not None:
         summary["document_tokens_skipped"] = round(
-            sum(min(r["on_cached_tokens"], d) for r, d in zip(per_request, doc_tokens)) / sum(doc_tokens), 4)
+            sum(min(r["on_cached_tokens"], d) for r, d in zip(per_request, doc_tokens)) / sum(doc_tokens), 4
+        )
     return {"summary": summary, "per_request": per_request}
 
 
@@ -133,13 +166,19 @@ def bench_rag(llm: LLM, rng: random.Random, doc_len: int, questions: int, new_to
     shuffled = requests[:]
     random.Random(seed).shuffle(shuffled)
     prompts_b = [header + docs[d] + sep + q for d, q in shuffled]
-    return {"documents": 2, "document_tokens": doc_len, "questions_per_document": questions, "new_tokens": new_tokens,
-            "order_A": bench_requests(llm, prompts_a, new_tokens, doc_a),
-            "order_B": bench_requests(llm, prompts_b, new_tokens, doc_a)}
+    return {
+        "documents": 2,
+        "document_tokens": doc_len,
+        "questions_per_document": questions,
+        "new_tokens": new_tokens,
+        "order_A": bench_requests(llm, prompts_a, new_tokens, doc_a),
+        "order_B": bench_requests(llm, prompts_b, new_tokens, doc_a),
+    }
 
 
-def bench_shared(llm: LLM, rng: random.Random, groups: int, per_group: int, prefix_len: int, q_len: int,
-                 new_tokens: int) -> dict:
+def bench_shared(
+    llm: LLM, rng: random.Random, groups: int, per_group: int, prefix_len: int, q_len: int, new_tokens: int
+) -> dict:
     prompts = []
     for _ in range(groups):
         prefix = random_tokens(rng, prefix_len)
@@ -158,15 +197,29 @@ def bench_chat(llm: LLM, rng: random.Random, turns: int, system_len: int, user_l
         history = history + random_tokens(rng, user_len)
         on = llm.generate(history, max_new_tokens=new_tokens, temperature=0)
         off = llm.generate(history, max_new_tokens=new_tokens, temperature=0, use_prefix_cache=False)
-        rows.append({"turn": turn, "prompt_tokens": on.prompt_tokens, "cached_tokens": on.cached_tokens,
-                     "on_ttft_s": round(on.ttft_s, 4), "off_ttft_s": round(off.ttft_s, 4),
-                     "on_total_s": round(on.ttft_s + on.decode_s, 4), "off_total_s": round(off.ttft_s + off.decode_s, 4)})
+        rows.append(
+            {
+                "turn": turn,
+                "prompt_tokens": on.prompt_tokens,
+                "cached_tokens": on.cached_tokens,
+                "on_ttft_s": round(on.ttft_s, 4),
+                "off_ttft_s": round(off.ttft_s, 4),
+                "on_total_s": round(on.ttft_s + on.decode_s, 4),
+                "off_total_s": round(off.ttft_s + off.decode_s, 4),
+            }
+        )
         history = history + on.token_ids
     on_s, off_s = sum(r["on_total_s"] for r in rows), sum(r["off_total_s"] for r in rows)
-    return {"summary": {"turns": turns, "cache_on_s": round(on_s, 2), "cache_off_s": round(off_s, 2),
-                        "end_to_end_speedup": round(off_s / on_s, 2),
-                        "hit_rate": round(sum(r["cached_tokens"] for r in rows) / sum(r["prompt_tokens"] for r in rows), 4)},
-            "per_turn": rows}
+    return {
+        "summary": {
+            "turns": turns,
+            "cache_on_s": round(on_s, 2),
+            "cache_off_s": round(off_s, 2),
+            "end_to_end_speedup": round(off_s / on_s, 2),
+            "hit_rate": round(sum(r["cached_tokens"] for r in rows) / sum(r["prompt_tokens"] for r in rows), 4),
+        },
+        "per_turn": rows,
+    }
 
 
 def bench_exact(fast: LLM, rng: random.Random, lengths: list[int], prefix_len: int, repeats: int) -> dict:
@@ -177,25 +230,38 @@ def bench_exact(fast: LLM, rng: random.Random, lengths: list[int], prefix_len: i
         times = {"fast": [], "exact": []}
         for r in range(repeats):
             prompt = random_tokens(rng, length)
-            for name in (("fast", "exact") if r % 2 == 0 else ("exact", "fast")):
+            for name in ("fast", "exact") if r % 2 == 0 else ("exact", "fast"):
                 engine = fast if name == "fast" else exact
-                times[name].append(engine.generate(prompt, max_new_tokens=1, temperature=0,
-                                                   use_prefix_cache=False).prefill_s)
+                times[name].append(
+                    engine.generate(prompt, max_new_tokens=1, temperature=0, use_prefix_cache=False).prefill_s
+                )
         fast_s, exact_s = statistics.median(times["fast"]), statistics.median(times["exact"])
-        result[f"prefill_{length}"] = {"fast_s": round(fast_s, 3), "exact_s": round(exact_s, 3),
-                                       "exact_over_fast": round(exact_s / fast_s, 3)}
+        result[f"prefill_{length}"] = {
+            "fast_s": round(fast_s, 3),
+            "exact_s": round(exact_s, 3),
+            "exact_over_fast": round(exact_s / fast_s, 3),
+        }
     prompt = random_tokens(rng, 128)
-    decode = {name: max(e.generate(prompt, max_new_tokens=32, temperature=0, use_prefix_cache=False).decode_tok_s
-                        for _ in range(repeats)) for name, e in (("fast", fast), ("exact", exact))}
+    decode = {
+        name: max(
+            e.generate(prompt, max_new_tokens=32, temperature=0, use_prefix_cache=False).decode_tok_s
+            for _ in range(repeats)
+        )
+        for name, e in (("fast", fast), ("exact", exact))
+    }
     result["decode_tok_s"] = {k: round(v, 2) for k, v in decode.items()}
     prefix = random_tokens(rng, prefix_len)
     exact.generate(prefix + [7], max_new_tokens=1, temperature=0)  # caches the prefix (whole chunks)
     prompt = prefix + random_tokens(rng, 32)
     cold = exact.generate(prompt, max_new_tokens=1, temperature=0, use_prefix_cache=False)
     warm = exact.generate(prompt, max_new_tokens=1, temperature=0)
-    result["exact_ttft"] = {"prefix_tokens": prefix_len, "cached_tokens": warm.cached_tokens,
-                            "cold_s": round(cold.ttft_s, 3), "warm_s": round(warm.ttft_s, 3),
-                            "speedup": round(cold.ttft_s / warm.ttft_s, 1)}
+    result["exact_ttft"] = {
+        "prefix_tokens": prefix_len,
+        "cached_tokens": warm.cached_tokens,
+        "cold_s": round(cold.ttft_s, 3),
+        "warm_s": round(warm.ttft_s, 3),
+        "speedup": round(cold.ttft_s / warm.ttft_s, 1),
+    }
     return result
 
 
@@ -231,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (see tools/make_bench_checkpoint.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
-    parser.add_argument("--only", nargs="+", choices=["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat", "exact"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat", "exact"]
+    )
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a try")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -245,9 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     q = args.quick
     todo = args.only or ["ttft", "no_sharing", "radix_ops", "rag", "shared", "chat", "exact"]
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__},
-               "model": str(args.model), "dtype": str(llm.dtype).replace("torch.", "")}
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "model": str(args.model),
+        "dtype": str(llm.dtype).replace("torch.", ""),
+    }
     llm.generate(random_tokens(rng, 64), max_new_tokens=4, use_prefix_cache=False)  # warm-up
     steps = {
         "ttft": lambda: bench_ttft(llm, rng, 512 if q else 2048, 32, 2 if q else 3),
@@ -261,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in todo:
         start = time.perf_counter()
         results[name] = steps[name]()
-        brief = results[name].get("summary", {k: v for k, v in results[name].items() if not isinstance(v, (list, dict))})
+        brief = results[name].get(
+            "summary", {k: v for k, v in results[name].items() if not isinstance(v, (list, dict))}
+        )
         print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(brief)}", file=sys.stderr, flush=True)
         if name == "rag":
             for order in ("order_A", "order_B"):

@@ -21,13 +21,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokenizers import Tokenizer  # noqa: E402
 from train_tiny import corpus_files, encode_all, read_texts, split_corpus  # noqa: E402
 
 from minillm import LLM  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
 
-MODES = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"),
-         ("float32", "int8"), ("float32", "int4")]
+MODES = [
+    ("float32", None),
+    ("bfloat16", None),
+    ("bfloat16", "int8"),
+    ("bfloat16", "int4"),
+    ("float32", "int8"),
+    ("float32", "int4"),
+]
 
 
 def held_out_windows(model_dir: Path, seq_len: int, windows: int) -> list[list[int]]:
@@ -45,8 +51,12 @@ def held_out_loss(llm: LLM, windows: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "weights",
-                        help="a checkpoint trained by tools/train_tiny.py (default: the bundled model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "weights",
+        help="a checkpoint trained by tools/train_tiny.py (default: the bundled model)",
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=32)
@@ -57,16 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, quantize in MODES:
         llm = LLM.load(args.model, dtype=dtype, quantize=quantize, group_size=args.group_size)
         loss = held_out_loss(llm, windows)
-        rows.append({"dtype": dtype, "quantize": quantize or "none", "weights": llm.weight_form,
-                     "held_out_loss_nats_per_token": round(loss, 5)})
+        rows.append(
+            {
+                "dtype": dtype,
+                "quantize": quantize or "none",
+                "weights": llm.weight_form,
+                "held_out_loss_nats_per_token": round(loss, 5),
+            }
+        )
         print(rows[-1], file=sys.stderr, flush=True)
     base = {r["dtype"]: r["held_out_loss_nats_per_token"] for r in rows if r["quantize"] == "none"}
     for r in rows:
         r["delta_vs_unquantized_same_dtype"] = round(r["held_out_loss_nats_per_token"] - base[r["dtype"]], 5)
         r["delta_vs_bfloat16"] = round(r["held_out_loss_nats_per_token"] - base["bfloat16"], 5)
-    report = {"model": str(args.model), "windows": len(windows), "seq_len": args.seq_len,
-              "tokens": len(windows) * args.seq_len, "group_size": args.group_size, "torch": torch.__version__,
-              "rows": rows}
+    report = {
+        "model": str(args.model),
+        "windows": len(windows),
+        "seq_len": args.seq_len,
+        "tokens": len(windows) * args.seq_len,
+        "group_size": args.group_size,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

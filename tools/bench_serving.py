@@ -52,6 +52,7 @@ WORKLOADS = ("shared-prefix", "rag", "chat", "random")
 
 # -- prompts ------------------------------------------------------------------------------------------------
 
+
 class Words:
     """Random text whose token count is known: words that are one token each, with their leading space.
     A tokenizer with too few such words (a test's tiny one) gets made-up 3-letter words instead, and the
@@ -75,7 +76,7 @@ class Words:
 class Item:
     """One unit of work for a client thread: a single prompt, or a conversation's turns."""
 
-    prompts: list[str]          # one prompt, or one user message per turn
+    prompts: list[str]  # one prompt, or one user message per turn
     conversation: bool = False
 
 
@@ -88,8 +89,11 @@ def build_workload(name: str, args, tokenizer: Tokenizer, seed: int) -> list[Ite
         items = [Item([prefix + "\nQuestion:" + words.text(Q)]) for prefix in prefixes for _ in range(P)]
     elif name == "rag":
         documents = [words.text(L) for _ in range(G)]
-        items = [Item([f"Answer from the document.\nDocument:{doc}\nQuestion:{words.text(Q)}\nAnswer:"])
-                 for doc in documents for _ in range(P)]
+        items = [
+            Item([f"Answer from the document.\nDocument:{doc}\nQuestion:{words.text(Q)}\nAnswer:"])
+            for doc in documents
+            for _ in range(P)
+        ]
     elif name == "chat":
         return [Item([words.text(Q) for _ in range(args.turns)], conversation=True) for _ in range(G)]
     else:
@@ -100,6 +104,7 @@ def build_workload(name: str, args, tokenizer: Tokenizer, seed: int) -> list[Ite
 
 # -- one request ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     ok: bool = False
@@ -107,15 +112,16 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
-    ttft: float = 0.0                              # seconds from sending to the first text
-    e2e: float = 0.0                               # seconds from sending to the last byte
+    ttft: float = 0.0  # seconds from sending to the first text
+    e2e: float = 0.0  # seconds from sending to the last byte
     itl: list[float] = field(default_factory=list)  # seconds between streamed chunks with text
     text: str = ""
 
 
 class Client:
-    def __init__(self, base_url: str, endpoint: str, model: str | None, output_len: int, timeout: float,
-                 tokenizer: Tokenizer):
+    def __init__(
+        self, base_url: str, endpoint: str, model: str | None, output_len: int, timeout: float, tokenizer: Tokenizer
+    ):
         url = urlsplit(base_url.rstrip("/"))
         if url.scheme != "http" or not url.hostname:
             raise SystemExit(f"bench_serving: --base-url must look like http://127.0.0.1:8000, got {base_url!r}")
@@ -129,14 +135,21 @@ class Client:
             connection.request("GET", self.root + "/v1/models")
             return json.loads(connection.getresponse().read())["data"][0]["id"]
         except (OSError, ValueError, KeyError, IndexError) as e:
-            raise SystemExit(f"bench_serving: no model list at {self.host}:{self.port}{self.root}/v1/models ({e}); "
-                             "is the server up?") from None
+            raise SystemExit(
+                f"bench_serving: no model list at {self.host}:{self.port}{self.root}/v1/models ({e}); is the server up?"
+            ) from None
         finally:
             connection.close()
 
     def body(self, prompt: str | list[dict]) -> dict:
-        body = {"model": self.model, "max_tokens": self.output_len, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "ignore_eos": True}
+        body = {
+            "model": self.model,
+            "max_tokens": self.output_len,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
         if self.endpoint == "chat":
             body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         else:
@@ -178,7 +191,7 @@ class Client:
             if usage:
                 result.prompt_tokens = usage.get("prompt_tokens", 0)
                 result.output_tokens = usage.get("completion_tokens", 0)
-                result.cached_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             else:  # a server that does not report usage: count what came back
                 result.output_tokens = len(self.tokenizer.encode(result.text).ids)
             result.ok = bool(pieces)
@@ -212,8 +225,16 @@ class Client:
 
 # -- a run --------------------------------------------------------------------------------------------------
 
-def run_load(client: Client, items: list[Item], concurrency: int, request_rate: float, seed: int,
-             progress: bool = True, deadline_s: float = 3600) -> tuple[list[Result], float]:
+
+def run_load(
+    client: Client,
+    items: list[Item],
+    concurrency: int,
+    request_rate: float,
+    seed: int,
+    progress: bool = True,
+    deadline_s: float = 3600,
+) -> tuple[list[Result], float]:
     """Send every item with at most `concurrency` in flight; returns the results and the duration (s)."""
     rng = random.Random(seed)
     results: list[Result] = []
@@ -257,8 +278,12 @@ def percentiles(values: list[float]) -> dict:
         hi = min(lo + 1, len(v) - 1)
         return v[lo] + (v[hi] - v[lo]) * (x - lo)
 
-    return {"mean": round(1000 * sum(v) / len(v), 2), "median": round(1000 * at(0.5), 2),
-            "p90": round(1000 * at(0.9), 2), "p99": round(1000 * at(0.99), 2)}
+    return {
+        "mean": round(1000 * sum(v) / len(v), 2),
+        "median": round(1000 * at(0.5), 2),
+        "p90": round(1000 * at(0.9), 2),
+        "p99": round(1000 * at(0.99), 2),
+    }
 
 
 def summarize(results: list[Result], duration: float) -> dict:
@@ -267,16 +292,21 @@ def summarize(results: list[Result], duration: float) -> dict:
     output = sum(r.output_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     return {
-        "duration_s": round(duration, 3), "completed": len(ok), "failed": len(results) - len(ok),
+        "duration_s": round(duration, 3),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "request_throughput": round(len(ok) / duration, 4),
         "input_token_throughput": round(prompt / duration, 2),
         "output_token_throughput": round(output / duration, 2),
-        "total_input_tokens": prompt, "total_output_tokens": output,
+        "total_input_tokens": prompt,
+        "total_output_tokens": output,
         "cache_hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
         "mean_concurrency": round(sum(r.e2e for r in ok) / duration, 2),
-        "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles(tpot),
-        "itl_ms": percentiles([x for r in ok for x in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
+        "ttft_ms": percentiles([r.ttft for r in ok]),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles([x for r in ok for x in r.itl]),
+        "e2e_ms": percentiles([r.e2e for r in ok]),
         "ttft_samples_ms": sorted(round(1000 * r.ttft, 1) for r in ok),
         "e2e_samples_ms": sorted(round(1000 * r.e2e, 1) for r in ok),
     }
@@ -288,24 +318,32 @@ def benchmark(args, tokenizer: Tokenizer, workload: str, concurrency: int, seed:
     client.send("Warm up." if args.endpoint == "completions" else [{"role": "user", "content": "Warm up."}])
     items = build_workload(workload, args, tokenizer, seed)
     results, duration = run_load(client, items, concurrency, args.request_rate, seed, progress, args.deadline)
-    return {"workload": workload, "endpoint": args.endpoint, "max_concurrency": concurrency,
-            "request_rate": None if args.request_rate == float("inf") else args.request_rate, "seed": seed,
-            **summarize(results, duration)}
+    return {
+        "workload": workload,
+        "endpoint": args.endpoint,
+        "max_concurrency": concurrency,
+        "request_rate": None if args.request_rate == float("inf") else args.request_rate,
+        "seed": seed,
+        **summarize(results, duration),
+    }
 
 
 def report(run: dict, label: str = "") -> str:
     t, e = run["ttft_ms"], run["e2e_ms"]
-    return (f"{label}{run['workload']} c={run['max_concurrency']}: {run['completed']} ok, {run['failed']} failed "
-            f"in {run['duration_s']:.1f} s; output {run['output_token_throughput']:.1f} tok/s, "
-            f"input {run['input_token_throughput']:.0f} tok/s; TTFT median {t['median']} ms p99 {t['p99']} ms; "
-            f"TPOT median {run['tpot_ms']['median']} ms; E2E median {e['median']} ms; "
-            f"cache hit {run['cache_hit_rate']}")
+    return (
+        f"{label}{run['workload']} c={run['max_concurrency']}: {run['completed']} ok, {run['failed']} failed "
+        f"in {run['duration_s']:.1f} s; output {run['output_token_throughput']:.1f} tok/s, "
+        f"input {run['input_token_throughput']:.0f} tok/s; TTFT median {t['median']} ms p99 {t['p99']} ms; "
+        f"TPOT median {run['tpot_ms']['median']} ms; E2E median {e['median']} ms; "
+        f"cache hit {run['cache_hit_rate']}"
+    )
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
     """Output throughput against concurrency (one line per label), and TTFT / end-to-end latency CDFs."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -317,8 +355,12 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         series.setdefault(run.get("label") or run["workload"], []).append(run)
     for label, group in series.items():
         group = sorted(group, key=lambda r: r["max_concurrency"])
-        axes[0].plot([r["max_concurrency"] for r in group], [r["output_token_throughput"] for r in group],
-                     marker="o", label=label)
+        axes[0].plot(
+            [r["max_concurrency"] for r in group],
+            [r["output_token_throughput"] for r in group],
+            marker="o",
+            label=label,
+        )
         for ax, key in ((axes[1], "ttft_samples_ms"), (axes[2], "e2e_samples_ms")):
             for r in group:
                 samples = r[key]
@@ -336,8 +378,12 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", type=Path, required=True,
-                        help="a model folder (or tokenizer.json) whose tokenizer counts the tokens")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="a model folder (or tokenizer.json) whose tokenizer counts the tokens",
+    )
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--groups", type=int, default=8, help="groups / documents / conversations (default 8)")
     parser.add_argument("--prompts-per-group", type=int, default=8, help="prompts per group or document (default 8)")
@@ -345,12 +391,17 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-len", type=int, default=64, help="question / chat message tokens (default 64)")
     parser.add_argument("--turns", type=int, default=6, help="chat turns per conversation (default 6)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens per request (default 64)")
-    parser.add_argument("--request-rate", type=float, default=float("inf"),
-                        help="Poisson arrivals per second (default inf: a closed loop at --max-concurrency)")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second (default inf: a closed loop at --max-concurrency)",
+    )
     parser.add_argument("--model-name", help="the model field to send (default: the server's first /v1/models id)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take (default 600)")
-    parser.add_argument("--deadline", type=float, default=3600,
-                        help="seconds after which no more requests start (default 3600)")
+    parser.add_argument(
+        "--deadline", type=float, default=3600, help="seconds after which no more requests start (default 3600)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -379,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         print(report(run), file=sys.stderr)
         runs.append(run)
     if args.out:
-        args.out.write_text(json.dumps({"base_url": args.base_url, "args": {k: str(v) for k, v in vars(args).items()},
-                                        "runs": runs}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {"base_url": args.base_url, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1
+            )
+        )
     if args.plot:
         plot(runs, args.plot, f"{args.workload} against {args.base_url}")
     return 0 if all(r["failed"] == 0 for r in runs) else 1

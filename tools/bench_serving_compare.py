@@ -37,8 +37,12 @@ from bench_http import free_port, healthy  # noqa: E402
 from bench_serving import add_workload_args, benchmark, load_tokenizer, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MINILLM = {"lpm": [], "fcfs": ["--schedule", "fcfs"], "no-cache": ["--no-prefix-cache"],
-           "one-at-a-time": ["--max-batch", "1"]}
+MINILLM = {
+    "lpm": [],
+    "fcfs": ["--schedule", "fcfs"],
+    "no-cache": ["--no-prefix-cache"],
+    "one-at-a-time": ["--max-batch", "1"],
+}
 WORKLOADS = {  # name: (endpoint, sizes)
     "shared-prefix": ("completions", dict(groups=8, prompts_per_group=8, prefix_len=1024, question_len=64)),
     "chat": ("chat", dict(groups=8, question_len=64, turns=6)),
@@ -52,9 +56,25 @@ def llama_server_command(args, port: int) -> list[str]:
     slot its own KV of --slot-context tokens (llama-server's default once -np is given; one unified KV
     buffer, --kv-unified, measured within 15% of it either way here: see README); continuous batching,
     the per-slot prompt cache and the RAM prompt cache (8 GiB) are on by default."""
-    return [args.llama_server, "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
-            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency),
-            "-c", str(args.concurrency * args.slot_context), "--jinja", "--no-webui"]
+    return [
+        args.llama_server,
+        "-m",
+        str(args.gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(args.threads),
+        "-tb",
+        str(args.threads),
+        "-np",
+        str(args.concurrency),
+        "-c",
+        str(args.concurrency * args.slot_context),
+        "--jinja",
+        "--no-webui",
+    ]
 
 
 def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
@@ -62,8 +82,21 @@ def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
     if name == "llama-server":
         command = llama_server_command(args, port)
     else:
-        command = [sys.executable, "-m", "minillm", "serve", "--model", str(args.model), "--port", str(port),
-                   "--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[name]]
+        command = [
+            sys.executable,
+            "-m",
+            "minillm",
+            "serve",
+            "--model",
+            str(args.model),
+            "--port",
+            str(port),
+            "--kv-mb",
+            str(args.kv_mb),
+            "--max-batch",
+            str(args.max_batch),
+            *MINILLM[name],
+        ]
     log.write(f"\n== {' '.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
@@ -88,8 +121,12 @@ def stop(proc: subprocess.Popen) -> None:
 def versions(args) -> dict:
     import torch
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "",
-           "cores": os.cpu_count()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or "",
+        "cores": os.cpu_count(),
+    }
     if args.llama_server:
         v = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True, timeout=60)
         out["llama-server"] = (v.stdout + v.stderr).strip().splitlines()[-2:]
@@ -99,6 +136,7 @@ def versions(args) -> dict:
 def plot(runs: list[dict], path: Path, title: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -110,8 +148,10 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(servers)
     color = {server: f"C{j}" for j, server in enumerate(servers)}  # one colour per server in every panel
     for j, server in enumerate(servers):
-        heights = [next((r["output_token_throughput"] for r in runs if r["workload"] == w and r["label"] == server), 0)
-                   for w in workloads]
+        heights = [
+            next((r["output_token_throughput"] for r in runs if r["workload"] == w and r["label"] == server), 0)
+            for w in workloads
+        ]
         axes[0].bar([i + j * width for i in range(len(workloads))], heights, width, label=server, color=color[server])
     axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
     axes[0].set(ylabel="output tokens / s", title="throughput")
@@ -140,7 +180,8 @@ def ratios(runs: list[dict], base: str) -> dict:
                 out[f"{workload}: {r['label']} / {base}"] = {
                     "output_throughput": round(r["output_token_throughput"] / ref["output_token_throughput"], 3),
                     "median_ttft": round(r["ttft_ms"]["median"] / ref["ttft_ms"]["median"], 3),
-                    "cache_hit_rate": [r["cache_hit_rate"], ref["cache_hit_rate"]]}
+                    "cache_hit_rate": [r["cache_hit_rate"], ref["cache_hit_rate"]],
+                }
     return out
 
 
@@ -148,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="the checkpoint folder minillm serves")
     parser.add_argument("--gguf", type=Path, help="the same weights as GGUF, for llama-server")
-    parser.add_argument("--servers", default="lpm,llama-server", help="comma list of: "
-                        + ", ".join([*MINILLM, "llama-server"]) + " (default lpm,llama-server)")
-    parser.add_argument("--workloads", default="shared-prefix,chat,random", help="comma list of: " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--servers",
+        default="lpm,llama-server",
+        help="comma list of: " + ", ".join([*MINILLM, "llama-server"]) + " (default lpm,llama-server)",
+    )
+    parser.add_argument(
+        "--workloads", default="shared-prefix,chat,random", help="comma list of: " + ", ".join(WORKLOADS)
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (and llama-server slots)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server threads")
@@ -171,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or any(w not in WORKLOADS for w in args.workloads.split(",")):
         parser.error(f"unknown server or workload: {unknown or args.workloads}")
     if "llama-server" in servers and not (args.llama_server and args.gguf and args.gguf.is_file()):
-        print("bench_serving_compare: llama-server skipped: no binary (--llama-server, $LLAMA_SERVER or PATH) "
-              "or no --gguf file; README's 'Serving benchmark' says how to build and convert", file=sys.stderr)
+        print(
+            "bench_serving_compare: llama-server skipped: no binary (--llama-server, $LLAMA_SERVER or PATH) "
+            "or no --gguf file; README's 'Serving benchmark' says how to build and convert",
+            file=sys.stderr,
+        )
         servers.remove("llama-server")
         args.llama_server = None
     tokenizer = load_tokenizer(args.model)
@@ -185,10 +234,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 proc, port = start(name, args, log)
                 try:
-                    settings = argparse.Namespace(**{
-                        **vars(add_defaults()), **sizes, "base_url": f"http://127.0.0.1:{port}", "endpoint": endpoint,
-                        "output_len": 4 if args.quick else args.output_len, "timeout": args.timeout,
-                        "deadline": args.deadline, "request_rate": float("inf"), "model_name": None})
+                    settings = argparse.Namespace(
+                        **{
+                            **vars(add_defaults()),
+                            **sizes,
+                            "base_url": f"http://127.0.0.1:{port}",
+                            "endpoint": endpoint,
+                            "output_len": 4 if args.quick else args.output_len,
+                            "timeout": args.timeout,
+                            "deadline": args.deadline,
+                            "request_rate": float("inf"),
+                            "model_name": None,
+                        }
+                    )
                     run = benchmark(settings, tokenizer, workload, args.concurrency, args.seed + i)
                 finally:
                     stop(proc)
@@ -196,12 +254,21 @@ def main(argv: list[str] | None = None) -> int:
                 run["sizes"] = sizes
                 print(report(run, f"{name:>14} "), file=sys.stderr, flush=True)
                 runs.append(run)
-    result = {"model": str(args.model), "gguf": str(args.gguf) if args.gguf else None, "versions": versions(args),
-              "llama_server_flags": llama_server_command(args, 0)[3:] if "llama-server" in servers else None,
-              "minillm_flags": {s: ["--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[s]]
-                                for s in servers if s in MINILLM},
-              "concurrency": args.concurrency, "output_len": args.output_len,
-              "ratios": ratios(runs, "llama-server" if "llama-server" in servers else servers[0]), "runs": runs}
+    result = {
+        "model": str(args.model),
+        "gguf": str(args.gguf) if args.gguf else None,
+        "versions": versions(args),
+        "llama_server_flags": llama_server_command(args, 0)[3:] if "llama-server" in servers else None,
+        "minillm_flags": {
+            s: ["--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[s]]
+            for s in servers
+            if s in MINILLM
+        },
+        "concurrency": args.concurrency,
+        "output_len": args.output_len,
+        "ratios": ratios(runs, "llama-server" if "llama-server" in servers else servers[0]),
+        "runs": runs,
+    }
     print(json.dumps(result["ratios"], indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minillm import LLM  # noqa: E402
-from minillm.kv_pool import kv_bytes_per_token  # noqa: E402
-from minillm.prepack import PackedLinear  # noqa: E402
+from minillm.cache.kv_pool import kv_bytes_per_token  # noqa: E402
+from minillm.loading.prepack import PackedLinear  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -95,10 +95,12 @@ def rss_of_load(model: str, dtype: str) -> tuple[int, int]:
     """(resident bytes before loading, peak resident bytes after) of a fresh process that only imports
     minillm and loads the model. The difference is what loading costs; the rest is Python and torch.
     Read from /proc/self/status: getrusage's ru_maxrss would include this (parent) process's peak."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from pathlib import Path; from minillm import LLM\n"
-            "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"
-            f"before = kib('VmHWM:'); LLM.load({model!r}, dtype={dtype!r}); print(before, kib('VmHWM:'))")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+        "from pathlib import Path; from minillm import LLM\n"
+        "def kib(key): return next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key))\n"  # noqa: E501
+        f"before = kib('VmHWM:'); LLM.load({model!r}, dtype={dtype!r}); print(before, kib('VmHWM:'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = (int(n) * 1024 for n in out.stdout.split())
     return before, after
@@ -109,7 +111,7 @@ def interleaved(names: list[str], measure, repeats: int) -> dict[str, list[float
     always runs first (or right after the same one) on a machine whose speed drifts."""
     results = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             results[name].append(measure(name))
     return results
 
@@ -128,15 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         transformers = None
     use_hf = transformers is not None and not args.no_transformers
-    results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__},
-               "transformers": transformers.__version__ if use_hf else None, "model": str(args.model), "runs": {}}
+    results = {
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "transformers": transformers.__version__ if use_hf else None,
+        "model": str(args.model),
+        "runs": {},
+    }
     g = torch.Generator().manual_seed(0)
     for name in args.dtypes:
         dtype = DTYPES[name]
         # minillm as it runs by default (prepacked weights), minillm with plain F.linear, and transformers.
-        llms = {"minillm": LLM.load(args.model, dtype=dtype),
-                "minillm_no_prepack": LLM.load(args.model, dtype=dtype, prepack=False)}
+        llms = {
+            "minillm": LLM.load(args.model, dtype=dtype),
+            "minillm_no_prepack": LLM.load(args.model, dtype=dtype, prepack=False),
+        }
         for llm in llms.values():
             llm.defaults.eos_token_ids = []
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval() if use_hf else None
@@ -178,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         row["rss_before_load_bytes"], row["peak_rss_after_load_bytes"] = before, peak
         row["load_rss_over_weights"] = round((peak - before) / row["weight_bytes"], 3)
         row["peak_rss_over_weights"] = round(peak / row["weight_bytes"], 3)
-        print(f"{name} load: peak RSS {peak / 2**20:.0f} MiB, {before / 2**20:.0f} MiB of it before loading; "
-              f"loading added {row['load_rss_over_weights']}x the weights", file=sys.stderr, flush=True)
+        print(
+            f"{name} load: peak RSS {peak / 2**20:.0f} MiB, {before / 2**20:.0f} MiB of it before loading; "
+            f"loading added {row['load_rss_over_weights']}x the weights",
+            file=sys.stderr,
+            flush=True,
+        )
         results["runs"][name] = row
     results["machine"]["bench_process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.out:

@@ -41,8 +41,8 @@ def memory(pid: int | str = "self") -> dict:
 
 def weight_bytes(model) -> int:
     """Bytes of weights this rank holds: parameters (the tied embedding once) and packed/quantized forms."""
-    from minillm.prepack import PackedLinear
-    from minillm.quantize import QuantizedLinear
+    from minillm.loading.prepack import PackedLinear
+    from minillm.loading.quantize import QuantizedLinear
 
     seen, total = set(), 0
     for p in model.parameters():
@@ -78,10 +78,14 @@ def child(args) -> dict:
     for r in ranks:  # every rank's process imported the same python, torch and minillm as rank 0 before loading
         r["rss_less_before_load_bytes"] = r["VmRSS"] - before["VmRSS"]
     llm.close()
-    return {"load_s": round(load_s, 2), "prefill_tok_s": round(prefill.prefill_tok_s, 1),
-            "decode_tok_s": round(decode.decode_tok_s, 2),
-            "batch_decode_tok_s": round(sum(len(c.token_ids) for c in batch) / batch_s, 2),
-            "ranks": ranks, "rss_before_load_bytes": before["VmRSS"]}
+    return {
+        "load_s": round(load_s, 2),
+        "prefill_tok_s": round(prefill.prefill_tok_s, 1),
+        "decode_tok_s": round(decode.decode_tok_s, 2),
+        "batch_decode_tok_s": round(sum(len(c.token_ids) for c in batch) / batch_s, 2),
+        "ranks": ranks,
+        "rss_before_load_bytes": before["VmRSS"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,18 +107,40 @@ def main(argv: list[str] | None = None) -> int:
     names = list(CONFIGS)
     for round_ in range(args.rounds):
         for name in names[round_ % 2 :] + names[: round_ % 2]:  # alternate who goes first
-            cmd = [sys.executable, __file__, "--child", name, "--dtype", args.dtype, "--rounds", "1",
-                   "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                   "--batch", str(args.batch), "--kv-mb", str(args.kv_mb)] + (["--model", args.model] if args.model else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--dtype",
+                args.dtype,
+                "--rounds",
+                "1",
+                "--prompt-tokens",
+                str(args.prompt_tokens),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--batch",
+                str(args.batch),
+                "--kv-mb",
+                str(args.kv_mb),
+            ] + (["--model", args.model] if args.model else [])
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="2")
+            )
             if out.returncode != 0:
                 raise SystemExit(f"bench_tp: {name} failed: {out.stderr.strip()[-400:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[name][-1]
-            print(f"round {round_ + 1} {name:24} prefill {r['prefill_tok_s']:7.1f} tok/s  decode {r['decode_tok_s']:6.2f} "
-                  f"tok/s  batch {r['batch_decode_tok_s']:6.2f} tok/s  rss " +
-                  " ".join(f"{x['VmRSS'] / 2**20:.0f}" for x in r["ranks"]) + " MiB", file=sys.stderr, flush=True)
+            print(
+                f"round {round_ + 1} {name:24} prefill {r['prefill_tok_s']:7.1f} tok/s  "
+                f"decode {r['decode_tok_s']:6.2f} "
+                f"tok/s  batch {r['batch_decode_tok_s']:6.2f} tok/s  rss "
+                + " ".join(f"{x['VmRSS'] / 2**20:.0f}" for x in r["ranks"])
+                + " MiB",
+                file=sys.stderr,
+                flush=True,
+            )
     best = {}
     for name, rs in runs.items():
         best[name] = {key: max(r[key] for r in rs) for key in ("prefill_tok_s", "decode_tok_s", "batch_decode_tok_s")}
@@ -124,19 +150,39 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {key: round(two[key] / one[key], 3) for key in ("prefill_tok_s", "decode_tok_s", "batch_decode_tok_s")}
     ratios["rank_rss_over_tp1_rss"] = [round(r["VmRSS"] / one["ranks"][0]["VmRSS"], 3) for r in two["ranks"]]
     ratios["rank_loaded_rss_over_tp1"] = [  # what loading and running added, past the imports
-        round(r["rss_less_before_load_bytes"] / one["ranks"][0]["rss_less_before_load_bytes"], 3) for r in two["ranks"]]
-    ratios["rank_weights_over_tp1_weights"] = round(two["ranks"][0]["weight_bytes"] / one["ranks"][0]["weight_bytes"], 3)
+        round(r["rss_less_before_load_bytes"] / one["ranks"][0]["rss_less_before_load_bytes"], 3) for r in two["ranks"]
+    ]
+    ratios["rank_weights_over_tp1_weights"] = round(
+        two["ranks"][0]["weight_bytes"] / one["ranks"][0]["weight_bytes"], 3
+    )
     import torch
 
-    report = {"model": args.model or "bundled", "dtype": args.dtype, "rounds": args.rounds,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
-              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "best": best, "tp2_over_tp1": ratios, "runs": runs}
+    report = {
+        "model": args.model or "bundled",
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "best": best,
+        "tp2_over_tp1": ratios,
+        "runs": runs,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
-    print(json.dumps({"best": {n: {k: v for k, v in b.items() if k != "ranks"} for n, b in best.items()},
-                      "tp2_over_tp1": ratios}, indent=1))
+    print(
+        json.dumps(
+            {
+                "best": {n: {k: v for k, v in b.items() if k != "ranks"} for n, b in best.items()},
+                "tp2_over_tp1": ratios,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -24,11 +24,24 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 QWEN25_05B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
-    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-    "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
-    "bos_token_id": 151643, "eos_token_id": 151643,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 21,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
 }
 
 
@@ -37,20 +50,28 @@ def tensor_shapes(c: dict, layers: int) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (c["intermediate_size"], h), p + "mlp.up_proj.weight": (c["intermediate_size"], h),
-            p + "mlp.down_proj.weight": (h, c["intermediate_size"]),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (c["intermediate_size"], h),
+                p + "mlp.up_proj.weight": (c["intermediate_size"], h),
+                p + "mlp.down_proj.weight": (h, c["intermediate_size"]),
+            }
+        )
     return shapes
 
 
-def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, seed: int = 0,
-                     tokenizer: Path | None = None) -> Path:
+def write_checkpoint(
+    out: Path, dtype: torch.dtype, layers: int | None = None, seed: int = 0, tokenizer: Path | None = None
+) -> Path:
     config = dict(QWEN25_05B)
     if layers is not None:
         config["num_hidden_layers"] = layers
@@ -74,8 +95,12 @@ def write_checkpoint(out: Path, dtype: torch.dtype, layers: int | None = None, s
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([Path(__file__).read_text()], trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))

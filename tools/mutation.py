@@ -14,8 +14,8 @@ surviving mutant runs all of its tests; the Hypothesis batching tests dominate),
 hours: it stays out of CI, and a stopped run continues with --resume. Usage:
 
     python tools/mutation.py                      # every core module, writes bench/mutation.json
-    python tools/mutation.py radix_cache sampling # some modules (merged into bench/mutation.json)
-    python tools/mutation.py --resume scheduler   # a run stopped midway: its untested mutants and survivors
+    python tools/mutation.py cache.radix_cache engine.sampling  # some modules (merged into bench/mutation.json)
+    python tools/mutation.py --resume engine.scheduler  # a run stopped midway: its untested mutants and survivors
     python tools/mutation.py --survivors          # after a run: each surviving mutant's diff
     python tools/mutation.py --rescore            # after adding lines to tests/equivalent_mutants.txt
 """
@@ -38,18 +38,31 @@ EQUIVALENT_FILE = ROOT / "tests" / "equivalent_mutants.txt"
 # are picked by name: such a test says "process" in its name (and, in the files run with this filter, no
 # other test does).
 NO_SUBPROCESS = ["-k", "not process"]
-MODULE_TESTS = {
-    "radix_cache": ["tests/test_radix_cache.py"],
-    "scheduler": ["tests/test_scheduler.py", "tests/test_batching.py", "tests/test_disk_cache.py", *NO_SUBPROCESS],
-    "disk_cache": ["tests/test_disk_cache.py", *NO_SUBPROCESS],
-    "kv_pool": ["tests/test_kv_pool.py", "tests/test_scheduler.py", "tests/test_batching.py"],
-    "exact": ["tests/test_exact.py"],
-    "sampling": ["tests/test_sampling.py"],
-    "rope": ["tests/test_rope.py"],
-    "model": ["tests/test_parity.py", "tests/test_kv_pool.py", "tests/test_prefix_cache.py"],
-    "forward_batch": ["tests/test_kv_pool.py", "tests/test_batching.py"],
-    "engine": ["tests/test_scheduler.py", "tests/test_batching.py"],
-    "request": ["tests/test_batching.py", "tests/test_text.py"],
+MODULE_TESTS = {  # modules by their path in the package: engine.scheduler is minillm/engine/scheduler.py
+    "cache.radix_cache": ["tests/test_radix_cache.py"],
+    "engine.scheduler": [
+        "tests/test_scheduler.py",
+        "tests/test_batching.py",
+        "tests/test_disk_cache.py",
+        *NO_SUBPROCESS,
+    ],
+    "engine.kv_manager": [
+        "tests/test_scheduler.py",
+        "tests/test_batching.py",
+        "tests/test_disk_cache.py",
+        "tests/test_isolation.py",
+        *NO_SUBPROCESS,
+    ],
+    "cache.disk_cache": ["tests/test_disk_cache.py", *NO_SUBPROCESS],
+    "cache.kv_pool": ["tests/test_kv_pool.py", "tests/test_scheduler.py", "tests/test_batching.py"],
+    "engine.plan": ["tests/test_exact.py", "tests/test_kv_pool.py", "tests/test_batching.py"],
+    "engine.exact": ["tests/test_exact.py"],
+    "engine.sampling": ["tests/test_sampling.py", "tests/test_isolation.py"],
+    "model.rope": ["tests/test_rope.py"],
+    "model.model": ["tests/test_parity.py", "tests/test_kv_pool.py", "tests/test_prefix_cache.py"],
+    "engine.forward_batch": ["tests/test_kv_pool.py", "tests/test_batching.py"],
+    "engine.engine": ["tests/test_scheduler.py", "tests/test_batching.py", "tests/test_isolation.py"],
+    "engine.request": ["tests/test_batching.py", "tests/test_text.py", "tests/test_isolation.py"],
 }
 
 STATUS_KILLED = {"killed", "timeout", "segfault"}  # mutmut's verdicts that mean the tests caught the mutant
@@ -86,7 +99,7 @@ def scratch_tree(workdir: Path, module: str, resume: bool) -> Path:
             "\n[tool.mutmut]\n"
             'source_paths = ["minillm"]\n'
             'also_copy = ["weights"]\n'  # the bundled model, which some tests load
-            f'only_mutate = ["minillm/{module}.py"]\n'
+            f'only_mutate = ["minillm/{module.replace(".", "/")}.py"]\n'
             f"pytest_add_cli_args_test_selection = [{tests}]\n"
             'process_isolation = "forkserver"\n'  # torch is not fork-safe once its thread pool has run
         )
@@ -96,7 +109,7 @@ def scratch_tree(workdir: Path, module: str, resume: bool) -> Path:
 def unfinished(tree: Path, module: str) -> list[str]:
     """After an earlier run: the mutants it did not reach and those that survived it and are not listed as
     equivalent (to try against the tests as they are now)."""
-    meta = tree / "mutants" / "minillm" / f"{module}.py.meta"
+    meta = tree / "mutants" / "minillm" / f"{module.replace('.', '/')}.py.meta"
     codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
     equivalent = load_equivalent()
     return [name for name, code in codes.items() if code is None or (code == 0 and name not in equivalent)]
@@ -109,8 +122,9 @@ def run_module(workdir: Path, module: str, jobs: int, resume: bool) -> dict:
     names = unfinished(tree, module) if resume else []
     tried = set()
     while True:
-        run = subprocess.run(["mutmut", "run", "--max-children", str(jobs), *names], cwd=tree, env=env,
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            ["mutmut", "run", "--max-children", str(jobs), *names], cwd=tree, env=env, capture_output=True, text=True
+        )
         if run.returncode != 0:
             sys.exit(f"mutmut failed on {module}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
         # Functions edited since the earlier run got new mutants, which the names given did not cover.
@@ -119,7 +133,9 @@ def run_module(workdir: Path, module: str, jobs: int, resume: bool) -> dict:
         if not names:
             break
     seconds = time.perf_counter() - start
-    listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=tree, env=env, capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        ["mutmut", "results", "--all", "true"], cwd=tree, env=env, capture_output=True, text=True, check=True
+    )
     statuses = dict(re.findall(r"^\s*(\S+): (.+)$", listing.stdout, re.M))
     return {"statuses": statuses, "seconds": round(seconds, 1)}
 
@@ -144,7 +160,11 @@ def rescore(module: str, entry: dict, equivalent: dict[str, str]) -> dict:
     """Score a recorded run again against the current equivalent list (after reading its survivors)."""
     escaped = entry.get("escaped")
     if escaped is None:  # recorded before "escaped" was: survivors plus the ones then listed (and not killed)
-        listed = [n for n in equivalent if n.startswith(f"minillm.{module}.") and n not in entry["killed_but_listed_equivalent"]]
+        listed = [
+            n
+            for n in equivalent
+            if n.startswith(f"minillm.{module}.") and n not in entry["killed_but_listed_equivalent"]
+        ]
         escaped = sorted(set(entry["survived"]) | set(listed))
     scored = ("mutants", "killed", "equivalent", "survived", "escaped", "score", "killed_but_listed_equivalent")
     kept = {k: v for k, v in entry.items() if k not in scored}  # seconds, tests, notes
@@ -152,8 +172,11 @@ def rescore(module: str, entry: dict, equivalent: dict[str, str]) -> dict:
 
 
 def print_row(module: str, r: dict) -> None:
-    print(f"{module:14s} {r['killed']:4d}/{r['mutants'] - r['equivalent']:4d} killed ({r['equivalent']} equivalent)  "
-          f"score {r['score']:.1%}  survived {len(r['survived'])}  {r.get('seconds') or 0:.0f} s", flush=True)
+    print(
+        f"{module:14s} {r['killed']:4d}/{r['mutants'] - r['equivalent']:4d} killed ({r['equivalent']} equivalent)  "
+        f"score {r['score']:.1%}  survived {len(r['survived'])}  {r.get('seconds') or 0:.0f} s",
+        flush=True,
+    )
 
 
 def main():
@@ -162,11 +185,19 @@ def main():
     parser.add_argument("--workdir", default="/tmp/minillm-mutation", help="scratch trees, one per module")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--out", default=str(ROOT / "bench" / "mutation.json"))
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a module's stopped run: its untested mutants and its survivors, with the current tests")
-    parser.add_argument("--survivors", action="store_true", help="print the diff of each surviving mutant of the last run")
-    parser.add_argument("--rescore", action="store_true",
-                        help="no run: score the recorded runs again against tests/equivalent_mutants.txt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a module's stopped run: its untested mutants and its survivors, with the current tests",
+    )
+    parser.add_argument(
+        "--survivors", action="store_true", help="print the diff of each surviving mutant of the last run"
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no run: score the recorded runs again against tests/equivalent_mutants.txt",
+    )
     args = parser.parse_args()
     modules = args.modules or list(MODULE_TESTS)
     unknown = [m for m in modules if m not in MODULE_TESTS]
@@ -195,7 +226,9 @@ def main():
         escaped = sorted(n for n, s in statuses.items() if s not in STATUS_KILLED)
         stale = [n for n in equivalent if n.startswith(f"minillm.{module}.") and statuses.get(n) in STATUS_KILLED]
         report[module] = summarize(module, len(statuses), escaped, stale, equivalent) | {
-            "seconds": result["seconds"], "tests": MODULE_TESTS[module]}
+            "seconds": result["seconds"],
+            "tests": MODULE_TESTS[module],
+        }
         out.write_text(json.dumps(report, indent=1) + "\n")
         print_row(module, report[module])
     if args.rescore:

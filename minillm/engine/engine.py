@@ -1,18 +1,19 @@
 """The engine: requests in, one batched step at a time, text out.
 
     submit(prompt)  -> a handle (iterate it for text; abort it)
-    step()          the scheduler plans (scheduler.py), one forward runs every planned row (forward_batch.py),
-                    each request that got logits picks its token with its own sampler, finished requests
-                    hand their KV to the prefix cache
+    step()          three verbs: the scheduler plans (scheduler.py); the runner runs one forward over every
+                    planned row (runner.py, forward_batch.py) and each request that got logits picks its token
+                    with its own sampler; the scheduler finishes the step (counts the computed rows, hands
+                    completed prompts to the tree, releases finished requests through the KV manager)
 
 A lone request is a batch of one: the same path. A failure in one request's own part of a step (choosing its
-token, its stop strings, its stream) ends that request alone; only a failed forward fails the batch (_accept). The engine's state is touched by one thread only, the one
-that calls step(): submit and abort may come from any thread (they go through a queue). A server calls
-`serve()` on its main thread, which steps while there is work and sleeps while there is none, and its
-handlers read their requests' text from other threads. (Why the main thread: on CPU, PyTorch's parallel
-elementwise and attention kernels, run from any other thread, made a step 1.2-1.6x slower here, as
-OpenMP's workers there do not stay hot between kernels. `start()` steps in a background thread anyway,
-for programs that need their main thread.)
+token, its stop strings, its stream) ends that request alone; only a failed forward fails the batch (_accept).
+The engine's state is touched by one thread only, the one that calls step(): submit and abort may come from
+any thread (they go through a queue). A server calls `serve()` on its main thread, which steps while there is
+work and sleeps while there is none, and its handlers read their requests' text from other threads. (Why the
+main thread: on CPU, PyTorch's parallel elementwise and attention kernels, run from any other thread, made a
+step 1.2-1.6x slower here, as OpenMP's workers there do not stay hot between kernels. `start()` steps in a
+background thread anyway, for programs that need their main thread.)
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
+from ..model.tensor_parallel import RankFailure
 from . import exact as exact_mode
-from .request import DONE, Completion, Request
 from .plan import Work, segment
+from .request import DONE, Completion, Request
 from .runner import Runner
 from .scheduler import Scheduler
-from .tensor_parallel import RankFailure
 
 log = logging.getLogger("minillm.engine")
 
@@ -163,8 +164,9 @@ class Engine:
         if self._thread is None:
             self._stop.clear()
             self._serving = True  # from now on, handles wait for their text
-            self._thread = threading.Thread(target=self.serve, args=(self._stop.is_set,), name="minillm-engine",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self.serve, args=(self._stop.is_set,), name="minillm-engine", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> None:
@@ -198,7 +200,9 @@ class RequestHandle:
                         piece = self.request.pieces.get()
                     else:
                         if not self.engine.step():
-                            raise RuntimeError(f"request {self.request.id} is not done but the engine has no work")
+                            raise RuntimeError(
+                                f"request {self.request.id} is not done but the engine has no work"
+                            ) from None
                         continue
                 if piece is DONE:
                     break

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MinillmError
+from ..errors import MinillmError
 
 # architecture name in config.json -> family. All four are the same decoder; they differ in the details below.
 ARCHITECTURES = {
@@ -175,7 +175,9 @@ def parse_config(raw: dict) -> ModelConfig:
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     head_dim = raw.get("head_dim", defaults["head_dim"]) or hidden // heads
     if heads % kv_heads:
-        raise MinillmError(f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        raise MinillmError(
+            f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
     attention_bias = bool(raw.get("attention_bias", False))
     dtype_name = raw.get("dtype", raw.get("torch_dtype"))
     return ModelConfig(
@@ -216,4 +218,3 @@ def load_config(folder: Path) -> ModelConfig:
     if not path.is_file():
         raise MinillmError(f"{folder} has no config.json; point --model at a Hugging Face checkpoint folder")
     return parse_config(read_json(path))
-

@@ -26,22 +26,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..errors import MinillmError
+from ..model.model import CausalLM
 from . import prepack
-from .errors import MinillmError
-from .model import CausalLM
 from .prepack import replace_linears
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
-DEFAULT_GROUP_SIZE = 32           # llama.cpp's Q4_0 block: the best quality of the sizes the kernel takes
-ROWS_AT_ONCE = 4096               # quantize this many rows at a time
-DENSE_FROM_ROWS = 32              # products of this many input rows or more take the dense path (forward)
-DENSE_BLOCK = 1024                # weight rows the dense path dequantizes at a time (a multiple of 64)
+DEFAULT_GROUP_SIZE = 32  # llama.cpp's Q4_0 block: the best quality of the sizes the kernel takes
+ROWS_AT_ONCE = 4096  # quantize this many rows at a time
+DENSE_FROM_ROWS = 32  # products of this many input rows or more take the dense path (forward)
+DENSE_BLOCK = 1024  # weight rows the dense path dequantizes at a time (a multiple of 64)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int8_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_int8 of a large matrix, ROWS_AT_ONCE rows at a time (lm_head never exists in float32 whole),
     into outputs allocated first (freeing the temporaries then leaves no hole below them in the heap)."""
-    q = torch.empty(weight.shape, dtype=torch.int8)    # [out, in]
+    q = torch.empty(weight.shape, dtype=torch.int8)  # [out, in]
     scale = torch.empty(weight.shape[0], dtype=dtype)  # [out]
     for i in range(0, weight.shape[0], ROWS_AT_ONCE):
         q[i : i + ROWS_AT_ONCE], scale[i : i + ROWS_AT_ONCE] = quantize_int8(weight[i : i + ROWS_AT_ONCE])
@@ -97,12 +97,16 @@ def int4_layout_is_known() -> bool:
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     rows = torch.tensor([0, 31, 32, 63, 64, 100, 127])
-    return (packed.shape == (128, 32) and torch.equal(unpack_int4(packed, 64).to(torch.int32), q)
-            and torch.equal(int4_rows(packed, rows, 64).to(torch.int32), q[rows]))
+    return (
+        packed.shape == (128, 32)
+        and torch.equal(unpack_int4(packed, 64).to(torch.int32), q)
+        and torch.equal(int4_rows(packed, rows, 64).to(torch.int32), q[rows])
+    )
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-               group_size: int | None = None) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, group_size: int | None = None
+) -> torch.Tensor:
     """The float32 matrix a quantized one stands for (the reference the tests compare products with)."""
     if zero is None:
         return q.float() * scale.float()[:, None]
@@ -115,25 +119,36 @@ class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as int8 or packed int4; built from one nn.Linear or several stacked
     (their outputs side by side, as in prepack.PackedLinear)."""
 
-    def __init__(self, *linears: nn.Linear, mode: str, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE,
-                 scratch: torch.Tensor | None = None):
+    def __init__(
+        self,
+        *linears: nn.Linear,
+        mode: str,
+        dtype: torch.dtype,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        scratch: torch.Tensor | None = None,
+    ):
         """scratch: memory the dense path dequantizes into, at least DENSE_BLOCK x in_features of dtype, shared
         by a model's layers (quantize_linears); None allocates this layer's own."""
         super().__init__()
         # detach(): the checkpoint's parameters require grad, and autograd would keep every temporary of quantizing.
-        weight = torch.cat([linear.weight.detach() for linear in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        weight = (
+            torch.cat([linear.weight.detach() for linear in linears])
+            if len(linears) > 1
+            else linears[0].weight.detach()
+        )
         self.out_features, self.in_features = weight.shape
         self.mode, self.group_size = mode, group_size
         if mode == "int8":
             q, scale = quantize_int8_rows(weight, dtype)
-            self.register_buffer("q", q)          # [out, in] int8
+            self.register_buffer("q", q)  # [out, in] int8
             self.register_buffer("scale", scale)  # [out]
         else:
             # Packed ROWS_AT_ONCE rows at a time (the op packs blocks of 64 rows, so the pieces stack exactly),
             # into outputs allocated first: no int32 copy of a whole matrix, no hole left in the heap.
             self.register_buffer("q", torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8))
-            self.register_buffer("scales_and_zeros", torch.empty(self.in_features // group_size, self.out_features, 2,
-                                                                 dtype=dtype))  # [in / group, out, 2]
+            self.register_buffer(
+                "scales_and_zeros", torch.empty(self.in_features // group_size, self.out_features, 2, dtype=dtype)
+            )  # [in / group, out, 2]
             for i in range(0, self.out_features, ROWS_AT_ONCE):
                 q, scale, zero = quantize_int4(weight[i : i + ROWS_AT_ONCE], group_size)
                 self.q[i : i + len(q)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [rows, in / 2]
@@ -200,16 +215,23 @@ def check(mode: str, group_size: int, model: CausalLM, dtype: torch.dtype, devic
         if group_size not in GROUP_SIZES:
             raise MinillmError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
         c = model.rank_config  # this rank's shapes under tensor parallelism
-        sizes = {"hidden size": c.hidden_size, "MLP size": c.intermediate_size,
-                 "attention output size": c.num_heads * c.head_dim}
+        sizes = {
+            "hidden size": c.hidden_size,
+            "MLP size": c.intermediate_size,
+            "attention output size": c.num_heads * c.head_dim,
+        }
         for what, size in sizes.items():
             if size % group_size:
                 fits = [g for g in GROUP_SIZES if all(n % g == 0 for n in sizes.values())]
                 advice = f"choose {' or '.join(map(str, fits))}" if fits else "use int8"
-                raise MinillmError(f"int4 group size {group_size} does not divide the model's {what} ({size}); {advice}")
+                raise MinillmError(
+                    f"int4 group size {group_size} does not divide the model's {what} ({size}); {advice}"
+                )
         if c.vocab_size % 16:  # the other output sizes are multiples of the group size, checked above
-            raise MinillmError(f"int4 packs output rows 16 at a time, and the vocabulary ({c.vocab_size} rows here) "
-                               "is not a multiple of 16; use int8")
+            raise MinillmError(
+                f"int4 packs output rows 16 at a time, and the vocabulary ({c.vocab_size} rows here) "
+                "is not a multiple of 16; use int8"
+            )
 
 
 class QuantizedEmbedding(nn.Module):
@@ -220,7 +242,7 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.register_buffer("q", q)          # [vocab, hidden] int8
+        self.register_buffer("q", q)  # [vocab, hidden] int8
         self.register_buffer("scale", scale)  # [vocab], the model's dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -233,7 +255,7 @@ class Int4HeadEmbedding(nn.Module):
 
     def __init__(self, head: QuantizedLinear):
         super().__init__()
-        self.register_buffer("q", head.q)                                # the head's, shared
+        self.register_buffer("q", head.q)  # the head's, shared
         self.register_buffer("scales_and_zeros", head.scales_and_zeros)  # [in / group, vocab, 2]
         self.in_features, self.group_size = head.in_features, head.group_size
 
@@ -244,8 +266,13 @@ class Int4HeadEmbedding(nn.Module):
         return rows.view(len(tokens), self.in_features)  # [N, hidden]
 
 
-def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE,
-                     release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+def quantize_linears(
+    model: CausalLM,
+    mode: str,
+    dtype: torch.dtype,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    release: Callable[[torch.Tensor], None] = lambda t: None,
+) -> None:
     """Replace the model's nn.Linear modules by QuantizedLinear ones, in place (prepack.replace_linears:
     stacked q/k/v and gate/up), the output head included. The embedding table is read a row per token, so its
     size costs memory, not decode speed: tied to the head, its rows are read from the head's quantized matrix
@@ -255,8 +282,11 @@ def quantize_linears(model: CausalLM, mode: str, dtype: torch.dtype, group_size:
     tied = model.lm_head.weight is embed
     c = model.rank_config
     scratch = torch.empty(DENSE_BLOCK * max(c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim), dtype=dtype)
-    replace_linears(model, lambda *linears: QuantizedLinear(*linears, mode=mode, dtype=dtype, group_size=group_size,
-                                                            scratch=scratch), release)
+    replace_linears(
+        model,
+        lambda *linears: QuantizedLinear(*linears, mode=mode, dtype=dtype, group_size=group_size, scratch=scratch),
+        release,
+    )
     head = model.lm_head
     if tied and mode == "int8":
         model.model.embed_tokens = QuantizedEmbedding(head.q, head.scale)

@@ -29,8 +29,8 @@ returned to the caller to free; a parent that becomes an unlocked leaf joins the
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -49,7 +49,7 @@ def common_length(edge: tuple[int, ...], tokens: tuple[int, ...]) -> int:
 
 
 class Node:
-    def __init__(self, tokens: tuple[int, ...], slots: torch.Tensor, parent: "Node | None"):
+    def __init__(self, tokens: tuple[int, ...], slots: torch.Tensor, parent: Node | None):
         self.tokens = tokens  # the edge: tokens this node adds to its parent's prefix
         self.slots = slots  # [len(tokens)] int64: the pool slot holding each token's KV
         self.parent = parent
@@ -102,7 +102,9 @@ class RadixCache:
 
     # -- lookup ---------------------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: list[int], align: int = 1, limit: int | None = None, count: bool = True) -> PrefixMatch:
+    def match_prefix(
+        self, tokens: list[int], align: int = 1, limit: int | None = None, count: bool = True
+    ) -> PrefixMatch:
         """The longest cached prefix of tokens[:limit]; limit defaults to all but the last token, which a
         request must compute (it needs that token's logits, which the cache does not keep). Splits a node
         if the match ends inside its edge. align: report only a multiple of this many tokens as matched
@@ -264,7 +266,9 @@ class RadixCache:
         for node in self.nodes():
             assert len(node.tokens) > 0, "a non-root node with an empty edge"
             # parent pointer and key agree
-            assert node.parent.children.get(node.tokens[0]) is node, f"{node} is not its parent's child by its first token"
+            assert node.parent.children.get(node.tokens[0]) is node, (
+                f"{node} is not its parent's child by its first token"
+            )
             assert node.slots.shape == (len(node.tokens),), f"{node}: {node.slots.shape[0]} slots"
             assert node.lock_ref >= 0
             assert node.lock_ref >= sum(c.lock_ref for c in node.children.values()), f"{node}: lock below parent's"

@@ -31,11 +31,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 
+from ..engine.request import DONE, Request
+from ..errors import MinillmError
+from ..limits import InvalidSetting
 from . import openai_api
-from .errors import MinillmError
-from .limits import InvalidSetting
 from .openai_api import ApiError
-from .request import DONE, Request
 
 log = logging.getLogger("minillm.server")
 
@@ -64,25 +64,43 @@ class Metrics:
         self.registry = registry = CollectorRegistry()
         scheduler, pool, tree = llm.engine.scheduler, llm.engine.pool, llm.engine.kv.tree
         Gauge("minillm_requests_running", "Requests in the running batch", registry=registry).set_function(
-            lambda: len(scheduler.running))
+            lambda: len(scheduler.running)
+        )
         Gauge("minillm_requests_waiting", "Requests waiting to be admitted", registry=registry).set_function(
-            lambda: len(scheduler.waiting))
+            lambda: len(scheduler.waiting)
+        )
         Gauge("minillm_kv_slots_total", "Token slots in the KV pool", registry=registry).set_function(
-            lambda: pool.num_slots)
-        Gauge("minillm_kv_slots_used", "KV pool slots in use (by running requests or the prefix cache)",
-              registry=registry).set_function(lambda: pool.num_slots - pool.free_slots)
+            lambda: pool.num_slots
+        )
+        Gauge(
+            "minillm_kv_slots_used", "KV pool slots in use (by running requests or the prefix cache)", registry=registry
+        ).set_function(lambda: pool.num_slots - pool.free_slots)
         Gauge("minillm_kv_slots_cached", "KV pool slots held by the prefix cache", registry=registry).set_function(
-            lambda: tree.total_tokens)
-        Gauge("minillm_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, of all prompt tokens",
-              registry=registry).set_function(lambda: tree.stats.hit_rate)
+            lambda: tree.total_tokens
+        )
+        Gauge(
+            "minillm_prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache, of all prompt tokens",
+            registry=registry,
+        ).set_function(lambda: tree.stats.hit_rate)
         self.prompt_tokens = Counter("minillm_prompt_tokens", "Prompt tokens of finished requests", registry=registry)
-        self.cached_tokens = Counter("minillm_cached_tokens", "Prompt tokens found in the prefix cache", registry=registry)
+        self.cached_tokens = Counter(
+            "minillm_cached_tokens", "Prompt tokens found in the prefix cache", registry=registry
+        )
         self.generated_tokens = Counter("minillm_generated_tokens", "Tokens generated", registry=registry)
         self.requests = Counter("minillm_requests", "Finished requests", ["finish_reason"], registry=registry)
-        self.ttft = Histogram("minillm_time_to_first_token_seconds", "From submission to the first token",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
-        self.itl = Histogram("minillm_inter_token_latency_seconds", "Between consecutive tokens of a request",
-                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry)
+        self.ttft = Histogram(
+            "minillm_time_to_first_token_seconds",
+            "From submission to the first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "minillm_inter_token_latency_seconds",
+            "Between consecutive tokens of a request",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
 
     def finished(self, r: Request) -> None:
         c = r.completion()
@@ -94,8 +112,16 @@ class Metrics:
             self.ttft.observe(c.ttft_s)
         for before, after in zip(r.token_times, r.token_times[1:]):
             self.itl.observe(after - before)
-        log.info("request %d: %d prompt tokens (%d cached), %d generated, ttft %.0f ms, %.1f tok/s, %s", r.id,
-                 c.prompt_tokens, c.cached_tokens, len(c.token_ids), 1000 * c.ttft_s, c.decode_tok_s, c.finish_reason)
+        log.info(
+            "request %d: %d prompt tokens (%d cached), %d generated, ttft %.0f ms, %.1f tok/s, %s",
+            r.id,
+            c.prompt_tokens,
+            c.cached_tokens,
+            len(c.token_ids),
+            1000 * c.ttft_s,
+            c.decode_tok_s,
+            c.finish_reason,
+        )
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -123,8 +149,12 @@ class App:
     def check_key(self, http: HttpRequest) -> None:
         key = self.settings.api_key
         if key is not None and http.headers.get("authorization") != f"Bearer {key}":
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           kind="authentication_error", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
 
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.decode([token], skip_special_tokens=False)
@@ -141,14 +171,20 @@ async def read_body(http: HttpRequest, limit: int) -> bytes:
     Content-Length, before reading anything, or while reading a body sent without one)."""
     declared = http.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body has {int(declared)} bytes, more than this server accepts "
-                       f"({limit}; see --max-body-mb)", code="body_too_large")
+        raise ApiError(
+            413,
+            f"the request body has {int(declared)} bytes, more than this server accepts ({limit}; see --max-body-mb)",
+            code="body_too_large",
+        )
     body = bytearray()
     async for piece in http.stream():
         body += piece
         if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than this server accepts ({limit} bytes; see "
-                           "--max-body-mb)", code="body_too_large")
+            raise ApiError(
+                413,
+                f"the request body is larger than this server accepts ({limit} bytes; see --max-body-mb)",
+                code="body_too_large",
+            )
     return bytes(body)
 
 
@@ -194,8 +230,12 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
             await asyncio.to_thread(return_freed_memory)
     max_waiting = app.settings.max_waiting
     if max_waiting is not None and len(app.engine.scheduler.waiting) + len(requests) > max_waiting:
-        raise ApiError(429, f"too many requests waiting (limit {max_waiting}); retry later",
-                       kind="rate_limit_error", code="queue_full")
+        raise ApiError(
+            429,
+            f"too many requests waiting (limit {max_waiting}); retry later",
+            kind="rate_limit_error",
+            code="queue_full",
+        )
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for i, r in enumerate(requests):
@@ -203,8 +243,9 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
         app.engine.submit(r)
     request_id = openai_api.new_id(endpoint)
     if parsed["stream"]:
-        return StreamingResponse(stream(app, requests, queue, endpoint, request_id, parsed),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            stream(app, requests, queue, endpoint, request_id, parsed), media_type="text/event-stream"
+        )
     try:
         remaining = len(requests)
         while remaining:
@@ -218,12 +259,10 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
     for r in requests:
         app.metrics.finished(r)
     completions = [r.completion() for r in requests]
-    return openai_api.response(endpoint, request_id, app.settings.model_name, completions, parsed["n"],
-                               app.token_text)
+    return openai_api.response(endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text)
 
 
-async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str,
-                 parsed: dict):
+async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str, parsed: dict):
     """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
     usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished."""
     model_name = app.settings.model_name
@@ -254,19 +293,34 @@ async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoi
                 remaining -= 1
                 r = requests[i]
                 if r.error is not None:
-                    yield event({"error": {"message": f"generation failed: {r.error}", "type": "server_error",
-                                           "param": None, "code": None}})
+                    yield event(
+                        {
+                            "error": {
+                                "message": f"generation failed: {r.error}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                     continue
                 app.metrics.finished(r)
-                yield event(openai_api.chunk(endpoint, request_id, model_name, i, None, r.finish_reason,
-                                             logprobs(i), first=not started[i]))
+                yield event(
+                    openai_api.chunk(
+                        endpoint, request_id, model_name, i, None, r.finish_reason, logprobs(i), first=not started[i]
+                    )
+                )
             else:
-                yield event(openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i),
-                                             first=not started[i]))
+                yield event(
+                    openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i), first=not started[i])
+                )
             started[i] = True
         if parsed["include_usage"]:
-            yield event(openai_api.usage_chunk(endpoint, request_id, model_name,
-                                               [r.completion() for r in requests], parsed["n"]))
+            yield event(
+                openai_api.usage_chunk(
+                    endpoint, request_id, model_name, [r.completion() for r in requests], parsed["n"]
+                )
+            )
         yield "data: [DONE]\n\n"
     finally:
         app.abort_unfinished(requests)
@@ -287,8 +341,11 @@ def create_app(llm, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_):
-        print(f"minillm: serving {settings.model_name} at http://{settings.host}:{settings.port}/v1 "
-              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(
+            f"minillm: serving {settings.model_name} at http://{settings.host}:{settings.port}/v1 (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         yield
 
     api = FastAPI(title="minillm", lifespan=lifespan)
@@ -308,8 +365,10 @@ def create_app(llm, settings: ServerSettings) -> FastAPI:
     @api.get("/v1/models")
     async def models(http: HttpRequest):
         app.check_key(http)
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "minillm"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "minillm"}],
+        }
 
     @api.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -328,8 +387,9 @@ def serve(llm, settings: ServerSettings) -> int:
     most), then exit status 0. A second signal stops at once."""
     app = create_app(llm, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+    )
 
     def stop(*_):
         server.force_exit = server.should_exit  # the second signal
@@ -347,7 +407,8 @@ def serve(llm, settings: ServerSettings) -> int:
         http_thread.join()
     llm.close()  # the prefix cache's KV to the disk tier, if there is one
     if not server.started:
-        raise MinillmError(f"could not listen on {settings.host}:{settings.port} (is the port in use?); "
-                           "pick another --port")
+        raise MinillmError(
+            f"could not listen on {settings.host}:{settings.port} (is the port in use?); pick another --port"
+        )
     print(f"minillm: server stopped after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0

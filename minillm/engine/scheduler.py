@@ -26,9 +26,9 @@ from __future__ import annotations
 import enum
 import time
 
+from ..cache.radix_cache import common_length
 from .kv_manager import KVManager
 from .plan import Work
-from .radix_cache import common_length
 from .request import Request
 
 POLICIES = ("lpm", "fcfs")
@@ -127,8 +127,10 @@ class Scheduler:
         more cached tokens than the tree has now (or the rest of r's prompt): r then waits for it."""
         wanted = cached + max(1, min(SHARE_WAIT_TOKENS, r.num_tokens - 1 - cached))
         mine = tuple(r.tokens[:-1])
-        return any(other.in_prefill and other.use_prefix_cache and common_length(tuple(other.prompt), mine) >= wanted
-                   for other in self.running)
+        return any(
+            other.in_prefill and other.use_prefix_cache and common_length(tuple(other.prompt), mine) >= wanted
+            for other in self.running
+        )
 
     def _try_admit(self, r: Request) -> Admission:
         self.kv.prefetch(r)  # the disk tier's pages of r's prompt into the tree first

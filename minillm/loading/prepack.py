@@ -29,13 +29,13 @@ LLM.load(prepack=False) keeps plain, separate F.linear products for bit-for-bit 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CausalLM
+from ..model.model import CausalLM
 
 
 def available(dtype: torch.dtype, device: str) -> bool:
@@ -85,8 +85,9 @@ class PackedLinear(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
-def replace_linears(model: CausalLM, build: Callable[..., nn.Module],
-                    release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+def replace_linears(
+    model: CausalLM, build: Callable[..., nn.Module], release: Callable[[torch.Tensor], None] = lambda t: None
+) -> None:
     """Replace the model's nn.Linear modules by build(*linears), in place, handing each old weight to
     release once replaced. Attention's q, k, v and the MLP's gate, up become one stacked matrix each.
     (Prepacking here and quantize.py both use it.)
@@ -118,4 +119,6 @@ def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torc
     c = model.rank_config  # this rank's shapes (the whole model's on one rank)
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
     scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype) if onednn else None
-    replace_linears(model, lambda *linears: PackedLinear(*linears, dtype=dtype, onednn=onednn, scratch=scratch), release)
+    replace_linears(
+        model, lambda *linears: PackedLinear(*linears, dtype=dtype, onednn=onednn, scratch=scratch), release
+    )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_pool import DUMP_SLOT
+from ..cache.kv_pool import DUMP_SLOT
 
 if TYPE_CHECKING:
     from .request import Request
@@ -48,8 +48,9 @@ class Segment:
     logit_row: int | None = None  # the row (within the segment) whose logits are wanted, if any
 
 
-def segment(work: Work, start: int | None = None, length: int | None = None, rows: int | None = None,
-            logits: bool | None = None) -> Segment:
+def segment(
+    work: Work, start: int | None = None, length: int | None = None, rows: int | None = None, logits: bool | None = None
+) -> Segment:
     """Positions [start, start + length) of work's request (default: all of work's) as a forward's rows,
     padded to `rows` rows (default: none) with rows that read token 0 and write to the pool's dump slot.
     logits: those of its last real row are wanted (default: if work samples)."""

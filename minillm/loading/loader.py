@@ -15,18 +15,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MinillmError
+from ..model.config import ModelConfig
+from ..model.model import CausalLM
+from ..model.tensor_parallel import TensorParallel
 from . import prepack as packing
 from . import quantize as quantization
-from .config import ModelConfig
-from .errors import MinillmError
-from .model import CausalLM
 from .safetensors_mmap import SafetensorsFile
-from .tensor_parallel import TensorParallel
 
 # What generation needs from a Hub repo: never *.bin, *.pth, or Mistral's duplicate consolidated.safetensors.
 HUB_FILES = [
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
 ]
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -74,7 +79,11 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     if single.is_file():
         return {single: None}
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
-    hint = f" (found {', '.join(others)}: pickle checkpoints are not loaded; convert them to safetensors)" if others else ""
+    hint = (
+        f" (found {', '.join(others)}: pickle checkpoints are not loaded; convert them to safetensors)"
+        if others
+        else ""
+    )
     raise MinillmError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
@@ -92,10 +101,17 @@ def read_tensors(files: list[SafetensorsFile], names: dict[Path, list[str] | Non
     return tensors
 
 
-def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, device: str = "cpu",
-               prepack: bool | None = None, quantize: str | None = None,
-               group_size: int = quantization.DEFAULT_GROUP_SIZE, tp: TensorParallel | None = None,
-               exact: bool = False) -> CausalLM:
+def load_model(
+    folder: Path,
+    config: ModelConfig,
+    dtype: torch.dtype | None,
+    device: str = "cpu",
+    prepack: bool | None = None,
+    quantize: str | None = None,
+    group_size: int = quantization.DEFAULT_GROUP_SIZE,
+    tp: TensorParallel | None = None,
+    exact: bool = False,
+) -> CausalLM:
     """Build the model without allocating weights (meta device), then install the checkpoint's tensors.
 
     prepack: repack the matrices for oneDNN (prepack.py); None packs wherever that is available.
@@ -121,19 +137,29 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
         # The output projection is the embedding matrix itself; a separate copy must agree with it.
         head = tensors.pop("lm_head.weight", None)
         if head is not None and embed is not None and not torch.equal(head, embed):
-            raise MinillmError("config.json ties lm_head to embed_tokens, but the checkpoint holds a different lm_head.weight")
+            raise MinillmError(
+                "config.json ties lm_head to embed_tokens, but the checkpoint holds a different lm_head.weight"
+            )
         if head is not None:
             release(head)
         del expected["lm_head.weight"]
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise MinillmError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}; is config.json from this checkpoint?")
+        raise MinillmError(
+            f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}; "
+            "is config.json from this checkpoint?"
+        )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise MinillmError(f"checkpoint has {len(unexpected)} tensor(s) the config does not explain, e.g. {unexpected[0]}; is config.json from this checkpoint?")
+        raise MinillmError(
+            f"checkpoint has {len(unexpected)} tensor(s) the config does not explain, e.g. {unexpected[0]}; "
+            "is config.json from this checkpoint?"
+        )
     for name, shape in expected.items():
         if tensors[name].shape != shape:
-            raise MinillmError(f"tensor {name} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}")
+            raise MinillmError(
+                f"tensor {name} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}"
+            )
     if tp is not None and tp.size > 1:  # this rank's shapes, and its slice of every tensor
         with torch.device("meta"):
             model = CausalLM(config, tp)
@@ -149,11 +175,15 @@ def load_model(folder: Path, config: ModelConfig, dtype: torch.dtype | None, dev
     if prepack is None:
         prepack = packing.available(dtype, device)
     if prepack and not packing.available(dtype, device):
-        raise MinillmError(f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})")
+        raise MinillmError(
+            f"prepacked weights need a CPU build of torch with oneDNN and float32 or bfloat16 (got {dtype} on {device})"
+        )
     # Matrices about to be packed or quantized stay as stored: that converts them one at a time, so a dtype
     # change never holds a converted copy of every weight at once.
     replaced = prepack or quantize is not None
-    as_stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if replaced else set()
+    as_stored = (
+        {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if replaced else set()
+    )
     state = {}
     for name, t in tensors.items():
         state[name] = t if name in as_stored else t.to(device=device, dtype=dtype)

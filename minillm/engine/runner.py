@@ -17,9 +17,9 @@ from typing import Protocol
 
 import torch
 
+from ..cache.kv_pool import KVPool
+from ..model.model import CausalLM, SequenceKV
 from . import forward_batch
-from .kv_pool import KVPool
-from .model import CausalLM, SequenceKV
 from .plan import Segment
 
 

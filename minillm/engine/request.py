@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..tokenizer import StopStrings, StreamDecoder
 from .sampling import Sampler
-from .tokenizer import StopStrings, StreamDecoder
 
 if TYPE_CHECKING:
-    from .radix_cache import Node
+    from ..cache.radix_cache import Node
 
 _ids = itertools.count(1)
 DONE = None  # end of a handle's stream
@@ -72,20 +72,37 @@ class Completion:
 
     def to_dict(self) -> dict:
         return {
-            "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-            "finish_reason": self.finish_reason, "cached_tokens": self.cached_tokens,
-            "computed_tokens": self.computed_tokens, "ttft_s": self.ttft_s,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "cached_tokens": self.cached_tokens,
+            "computed_tokens": self.computed_tokens,
+            "ttft_s": self.ttft_s,
             "timings": {
-                "prefill_s": self.prefill_s, "ttft_s": self.ttft_s, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "prefill_s": self.prefill_s,
+                "ttft_s": self.ttft_s,
+                "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s,
+                "decode_tok_s": self.decode_tok_s,
             },
         }
 
 
 class Request:
-    def __init__(self, prompt: list[int], sampler: Sampler, stops: StopStrings, detok: StreamDecoder,
-                 max_new_tokens: int, eos_ids: set[int], use_prefix_cache: bool, return_logits: bool,
-                 logprobs: int | None, vocab_size: int):
+    def __init__(
+        self,
+        prompt: list[int],
+        sampler: Sampler,
+        stops: StopStrings,
+        detok: StreamDecoder,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        use_prefix_cache: bool,
+        return_logits: bool,
+        logprobs: int | None,
+        vocab_size: int,
+    ):
         """logprobs: record each generated token's logprob and this many top alternatives (None: off).
         vocab_size: needed for the presence/frequency penalties' token counts."""
         self.id = next(_ids)
@@ -153,8 +170,13 @@ class Request:
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits[0], dim=-1)
             top = logprobs.topk(self.logprobs) if self.logprobs else None
-            self.token_logprobs.append(TokenLogprob(token, float(logprobs[token]), [] if top is None else list(
-                zip(top.indices.tolist(), top.values.tolist()))))
+            self.token_logprobs.append(
+                TokenLogprob(
+                    token,
+                    float(logprobs[token]),
+                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+                )
+            )
         self.generated.append(token)
         self.token_times.append(time.perf_counter())
         if self.seen is not None:
@@ -191,9 +213,14 @@ class Request:
         cached = self.cached_tokens or 0
         first = self.token_times[0] if self.token_times else self.finish_time
         return Completion(
-            text=self.stops.text, token_ids=list(self.generated), prompt_tokens=len(self.prompt),
-            finish_reason=self.finish_reason, cached_tokens=cached, computed_tokens=len(self.prompt) - cached,
-            prefill_s=first - self.admit_time if self.admit_time else 0.0, ttft_s=first - self.submit_time,
+            text=self.stops.text,
+            token_ids=list(self.generated),
+            prompt_tokens=len(self.prompt),
+            finish_reason=self.finish_reason,
+            cached_tokens=cached,
+            computed_tokens=len(self.prompt) - cached,
+            prefill_s=first - self.admit_time if self.admit_time else 0.0,
+            ttft_s=first - self.submit_time,
             decode_s=self.finish_time - first,
             logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
             logprobs=list(self.token_logprobs) if self.logprobs is not None else None,

@@ -44,7 +44,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        hidden, q_dim, kv_dim = (
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
         self.q_proj_size, self.kv_proj_size = q_dim, kv_dim
         self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
@@ -74,8 +78,9 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           is_causal: bool) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v for one sequence, each query head reading kv head (head // group).
 
     q: [heads, T, head_dim], the sequence's T newest tokens; keys, values: [kv_heads, L, head_dim], all of its
@@ -88,13 +93,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         # instead of a kernel built for long query blocks: measured on CPU at 200-1,600 cached tokens, 2-3x
         # faster in fp32 and 8-12x in bf16.
         out = F.scaled_dot_product_attention(
-            q.view(1, kv_heads, heads // kv_heads, head_dim), keys.unsqueeze(0), values.unsqueeze(0),
+            q.view(1, kv_heads, heads // kv_heads, head_dim),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
             attn_mask=mask,  # [1, keys]: the one query's mask serves every row
         )  # [1, kv_heads, group, head_dim]
         return out.view(1, heads * head_dim)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-        attn_mask=mask, is_causal=is_causal, enable_gqa=heads != kv_heads,
+        q.unsqueeze(0),
+        keys.unsqueeze(0),
+        values.unsqueeze(0),
+        attn_mask=mask,
+        is_causal=is_causal,
+        enable_gqa=heads != kv_heads,
     )  # [1, heads, T, head_dim]
     return out[0].transpose(0, 1).reshape(T, heads * head_dim)
 
@@ -169,8 +180,9 @@ class KV(Protocol):
 
     lengths: torch.Tensor | None  # [N] each row's sequence length (for dynamic RoPE), or None: one sequence
 
-    def attend(self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor,
-               values: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         """q [heads, N, head_dim], this layer's new keys/values [kv_heads, N, head_dim]: store them if it keeps
         KV, and attend each row over its own sequence's keys: [N, heads * head_dim]."""
         ...

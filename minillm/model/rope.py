@@ -105,8 +105,9 @@ class RotaryEmbedding:
         )
         return _default_inv_freq(theta, self.dim)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [N] int64 -> cos, sin: [N, head_dim] in `dtype` (computed in float32, then cast).
         lengths: [N], the length of each row's sequence after this forward; only dynamic NTK scaling reads it
         (its frequencies depend on that length). None: one sequence, positions.max() + 1 long."""

@@ -11,14 +11,29 @@ import json
 import time
 import uuid
 
-from . import limits
-from .request import Completion, TokenLogprob
+from .. import limits
+from ..engine.request import Completion, TokenLogprob
 
 # Fields that change nothing about the result; accepted and not used.
 IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls"}
-COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-          "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "n", "stream", "logprobs",
-          "ignore_eos"}
+COMMON = {
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "logprobs",
+    "ignore_eos",
+}
 FIELDS = {
     "completions": COMMON | {"prompt", "echo", "suffix", "best_of"},
     "chat": COMMON | {"messages", "top_logprobs"},
@@ -28,17 +43,37 @@ MAX_STOPS = 4  # OpenAI's limit
 DEFAULT_ONLY = {"echo": False, "suffix": None, "best_of": 1}  # fields refused unless they ask for the default
 # Body fields that are generation settings, and their names in LLM.generate (checked by limits.py). The
 # first of two fields for one setting wins.
-OPTION_OF_FIELD = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
-                   **{name: name for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                              "presence_penalty", "frequency_penalty", "seed")}}
+OPTION_OF_FIELD = {
+    "max_completion_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    **{
+        name: name
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+        )
+    },
+}
 FIELD_OF_OPTION = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "stop": "stop"}
 
 
 class ApiError(Exception):
     """A request the server refuses: HTTP status, OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -67,8 +102,12 @@ def parse(body, endpoint: str, model_name: str) -> dict:
         raise ApiError(400, f"unsupported field(s): {', '.join(unknown)}", unknown[0])
     model = body.get("model")
     if model is not None and model != model_name:
-        raise ApiError(400, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
-                       code="model_not_found")
+        raise ApiError(
+            400,
+            f"the model '{model}' does not exist; this server serves '{model_name}'",
+            "model",
+            code="model_not_found",
+        )
     for name, default in DEFAULT_ONLY.items():  # type too: in Python True == 1 and 1 == 1.0
         if name in body and not (type(body[name]) is type(default) and body[name] == default):
             raise ApiError(400, f"'{name}' is not supported (only its default, {json.dumps(default)})", name)
@@ -104,8 +143,13 @@ def parse(body, endpoint: str, model_name: str) -> dict:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    return {"prompts": _prompts(body, endpoint), "options": options, "n": n, "stream": stream,
-            "include_usage": bool(stream_options.get("include_usage"))}
+    return {
+        "prompts": _prompts(body, endpoint),
+        "options": options,
+        "n": n,
+        "stream": stream,
+        "include_usage": bool(stream_options.get("include_usage")),
+    }
 
 
 def _logprobs(body: dict, endpoint: str) -> int | None:
@@ -141,11 +185,13 @@ def _prompts(body: dict, endpoint: str) -> list:
             return list(prompt)
         if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
             return list(prompt)
-    raise ApiError(400, "'prompt' must be a string, a list of strings, token ids, or a list of token-id lists",
-                   "prompt")
+    raise ApiError(
+        400, "'prompt' must be a string, a list of strings, token ids, or a list of token-id lists", "prompt"
+    )
 
 
 # -- responses -----------------------------------------------------------------------------------------
+
 
 def new_id(endpoint: str) -> str:
     return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -157,33 +203,43 @@ def usage(completions: list[Completion], n: int) -> dict:
     firsts = completions[::n]
     prompt_tokens = sum(c.prompt_tokens for c in firsts)
     completion_tokens = sum(len(c.token_ids) for c in completions)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)},
+    }
 
 
 def logprobs_json(items: list[TokenLogprob], endpoint: str, token_text, offset: int = 0) -> dict:
     """token_text: id -> its text."""
     if endpoint == "chat":
+
         def entry(token, logprob):
             text = token_text(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]}
-                            for i in items]}
+        return {
+            "content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]
+        }
     texts = [token_text(i.token) for i in items]
     offsets, at = [], offset
     for t in texts:
         offsets.append(at)
         at += len(t)
+
     def top(item):  # keyed by text, as OpenAI's format has it: tokens with the same text keep the likeliest
         alternatives = {}
         for t, lp in item.top:
             alternatives.setdefault(token_text(t), lp)
         return alternatives
 
-    return {"tokens": texts, "token_logprobs": [i.logprob for i in items], "top_logprobs": [top(i) for i in items],
-            "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [i.logprob for i in items],
+        "top_logprobs": [top(i) for i in items],
+        "text_offset": offsets,
+    }
 
 
 def response(endpoint: str, request_id: str, model: str, completions: list[Completion], n: int, token_text) -> dict:
@@ -191,26 +247,57 @@ def response(endpoint: str, request_id: str, model: str, completions: list[Compl
     for index, c in enumerate(completions):
         lp = logprobs_json(c.logprobs, endpoint, token_text) if c.logprobs is not None else None
         if endpoint == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
         else:
             choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-    return {"id": request_id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices, "usage": usage(completions, n)}
+    return {
+        "id": request_id,
+        "object": "chat.completion" if endpoint == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(completions, n),
+    }
 
 
-def chunk(endpoint: str, request_id: str, model: str, index: int, text: str | None = None,
-          finish_reason: str | None = None, logprobs: dict | None = None, first: bool = False) -> dict:
+def chunk(
+    endpoint: str,
+    request_id: str,
+    model: str,
+    index: int,
+    text: str | None = None,
+    finish_reason: str | None = None,
+    logprobs: dict | None = None,
+    first: bool = False,
+) -> dict:
     """One server-sent event's payload: a piece of one choice's text, or its end."""
     if endpoint == "chat":
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"id": request_id, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
 
 
 def usage_chunk(endpoint: str, request_id: str, model: str, completions: list[Completion], n: int) -> dict:
-    return {"id": request_id, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": usage(completions, n)}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(completions, n),
+    }

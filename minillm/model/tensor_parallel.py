@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import MinillmError
 from .config import ModelConfig
-from .errors import MinillmError
 
-ROW = ("o_proj", "down_proj")         # split along dim 1 (input columns); the bias on rank 0
-VOCAB = ("embed_tokens", "lm_head")   # split along dim 0 (rows of the vocabulary)
+ROW = ("o_proj", "down_proj")  # split along dim 1 (input columns); the bias on rank 0
+VOCAB = ("embed_tokens", "lm_head")  # split along dim 0 (rows of the vocabulary)
 
 
 class RankFailure(MinillmError):
@@ -65,8 +65,13 @@ class TensorParallel:
 
     def rank_config(self, config: ModelConfig) -> ModelConfig:
         """The config of this rank's shard: the model's modules are built from it with no other change."""
-        return dataclasses.replace(config, num_heads=self.heads, num_kv_heads=self.kv_heads,
-                                   intermediate_size=self.intermediate, vocab_size=self.vocab)
+        return dataclasses.replace(
+            config,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            vocab_size=self.vocab,
+        )
 
     # -- slicing the checkpoint -------------------------------------------------------------------------
 

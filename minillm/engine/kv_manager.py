@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from .disk_cache import DiskCache
-from .kv_pool import KVPool
-from .radix_cache import RadixCache
+from ..cache.disk_cache import DiskCache
+from ..cache.kv_pool import KVPool
+from ..cache.radix_cache import RadixCache
 from .request import Request
 
 
 class KVManager:
-    def __init__(self, pool: KVPool, *, prefix_cache: bool, align: int, cache_decode_kv: bool,
-                 disk: DiskCache | None):
+    def __init__(self, pool: KVPool, *, prefix_cache: bool, align: int, cache_decode_kv: bool, disk: DiskCache | None):
         """prefix_cache: False computes every prompt whole. align: cache hits end on multiples of this (exact
         mode's chunk size). cache_decode_kv: decode-step KV may go into the tree (not in exact mode, where only
         prefill-shaped KV is reusable bit for bit). disk: the disk tier under the tree (disk_cache.py)."""
@@ -104,8 +103,9 @@ class KVManager:
         obtainable for the running requests' next tokens; False (nothing changed) if r's KV does not fit."""
         m, match = 0, None
         if self.caches(r):
-            match = self.tree.match_prefix(r.tokens, align=self.align, limit=self._reusable_limit(r),
-                                           count=r.cached_tokens is None)
+            match = self.tree.match_prefix(
+                r.tokens, align=self.align, limit=self._reusable_limit(r), count=r.cached_tokens is None
+            )
             self.tree.lock(match.node)
             m = match.length
         need = r.num_tokens - m

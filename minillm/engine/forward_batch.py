@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_pool import KVPool
-from .model import CausalLM, attend, attention_mask
+from ..cache.kv_pool import KVPool
+from ..model.model import CausalLM, attend, attention_mask
 from .plan import Segment
 
 
@@ -42,8 +42,10 @@ class ForwardBatch:
         self.lengths = torch.cat([torch.full((len(s.tokens),), s.start + len(s.tokens)) for s in segments]).to(device)
         self.tokens = torch.tensor([t for s in segments for t in s.tokens], device=device)  # [N]
         self.logit_rows = torch.tensor(
-            [b[0] + s.logit_row for s, b in zip(segments, bounds) if s.logit_row is not None], dtype=torch.int64,
-            device=device)  # [R]
+            [b[0] + s.logit_row for s, b in zip(segments, bounds) if s.logit_row is not None],
+            dtype=torch.int64,
+            device=device,
+        )  # [R]
         self.gather = [s.slots.to(device) for s in segments]
         self.runs = [_run_of(s.slots) if views else None for s in segments]  # (first slot, count) or None
         self._masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
@@ -55,8 +57,9 @@ class ForwardBatch:
             self._masks[key] = attention_mask(s.start, len(s.tokens), window, self.write_slots.device)
         return self._masks[key]
 
-    def attend(self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor,
-               values: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, window: int | None, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         """q: [heads, N, head_dim]; keys, values: [kv_heads, N, head_dim] of the N rows. Stores the keys and
         values in the rows' slots, then attends each sequence's rows over its own slots: [N, heads * head_dim]."""
         pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # [kv_heads, slots, head_dim]

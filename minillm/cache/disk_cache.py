@@ -14,7 +14,8 @@ one is missing. A partial last page is not stored (at most page - 1 tokens to re
 
 The fingerprint hashes everything KV depends on: the weights (each safetensors file's header, size and
 64 samples of its data), config.json, dtype, exact mode, the weights' form (plain, prepacked or
-quantized), the torch version and the page size. Each fingerprint gets its own directory; files of another fingerprint are never read.
+quantized), the torch version and the page size. Each fingerprint gets its own directory; files of another
+fingerprint are never read.
 
 Safety rules:
 - A file is written to a temporary name and renamed into place (atomic), so no reader sees half a file.
@@ -75,8 +76,17 @@ def fingerprint(model_dir: Path, dtype: torch.dtype, exact: bool, weight_form: s
     """What the KV depends on, and its hash (`id`)."""
     weights = [[path.name, weights_digest(path)] for path in sorted(model_dir.glob("*.safetensors"))]
     config = (model_dir / "config.json").read_bytes()
-    facts = {"format": FORMAT, "model": str(model_dir), "weights": weights, "config": hashlib.sha256(config).hexdigest(),
-             "dtype": str(dtype), "exact": exact, "weight_form": weight_form, "torch": torch.__version__, "page": page}
+    facts = {
+        "format": FORMAT,
+        "model": str(model_dir),
+        "weights": weights,
+        "config": hashlib.sha256(config).hexdigest(),
+        "dtype": str(dtype),
+        "exact": exact,
+        "weight_form": weight_form,
+        "torch": torch.__version__,
+        "page": page,
+    }
     hashed = {k: v for k, v in facts.items() if k != "model"}  # the same files elsewhere give the same KV
     facts["id"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:32]
     return facts
@@ -200,8 +210,11 @@ class DiskCache:
                 self.known.add(key)
                 continue
             kv_keys, kv_values = pool.read(slots[first:end])  # [layers, kv_heads, page, head_dim] each
-            tensors = {"keys": kv_keys, "values": kv_values,
-                       "tokens": torch.tensor(tokens[first:end], dtype=torch.int64)}
+            tensors = {
+                "keys": kv_keys,
+                "values": kv_values,
+                "tokens": torch.tensor(tokens[first:end], dtype=torch.int64),
+            }
             meta = {"format": FORMAT, "fingerprint": self.facts["id"], "key": key, "checksum": checksum(tensors)}
             try:
                 self._write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -258,7 +271,15 @@ def describe(root: Path) -> list[dict]:
         except (OSError, ValueError):
             facts = {}
         page = int(facts.get("page", DEFAULT_PAGE))
-        found.append({"fingerprint": d.name, "model": facts.get("model", "?"), "dtype": facts.get("dtype", "?"),
-                      "exact": facts.get("exact", "?"), "pages": len(pages), "tokens": len(pages) * page,
-                      "bytes": sum(p.stat().st_size for p in pages)})
+        found.append(
+            {
+                "fingerprint": d.name,
+                "model": facts.get("model", "?"),
+                "dtype": facts.get("dtype", "?"),
+                "exact": facts.get("exact", "?"),
+                "pages": len(pages),
+                "tokens": len(pages) * page,
+                "bytes": sum(p.stat().st_size for p in pages),
+            }
+        )
     return found

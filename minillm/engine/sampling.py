@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .errors import MinillmError
-from .limits import LIMITS
+from ..errors import MinillmError
+from ..limits import LIMITS
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -84,8 +84,9 @@ def finite_where_finite(result: torch.Tensor, before: torch.Tensor) -> torch.Ten
     return torch.where(overflowed, result.clamp(-FLOAT32_MAX, FLOAT32_MAX), result)
 
 
-def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
-                               frequency: float) -> torch.Tensor:
+def presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
     """OpenAI's penalties: logit - frequency x count - presence x (count > 0), counts [vocab] of the tokens
     generated so far."""
     return logits - (frequency * counts + presence * (counts > 0).float())[None]
@@ -142,7 +143,9 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def process(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def process(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """logits [1, vocab] float32, seen [n] int64 (prompt and output ids, for the repetition penalty),
         counts [vocab] float32 (times each token was generated, for presence/frequency) -> processed logits."""
         p = self.params

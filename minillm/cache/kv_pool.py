@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 DUMP_SLOT = 0  # where padding rows write
 
@@ -29,8 +29,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class KVPool:
-    def __init__(self, config: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 poison_freed: bool = False):
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        poison_freed: bool = False,
+    ):
         """num_slots: slots including the reserved slot 0. poison_freed: debug mode that fills freed slots
         with NaN, so a read of KV after it was freed shows in the output."""
         shape = (config.num_layers, config.num_kv_heads, num_slots, config.head_dim)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_pool import DUMP_SLOT
+from ..cache.kv_pool import DUMP_SLOT
 from .plan import Segment, Work, segment
 
 DEFAULT_CHUNK = 64  # prefill rows per tile

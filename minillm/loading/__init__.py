@@ -1,0 +1,1 @@
+"""From checkpoint files to a model in memory: memory-mapped safetensors, prepacking, quantization."""
