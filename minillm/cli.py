@@ -8,28 +8,39 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from . import options
+from .engine.sampling import SamplingParams
 from .errors import MinillmError
+from .options import EngineOptions, LoadOptions, ServerOptions
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The model's and the engine's flags; defaults and choices come from options.py."""
+    load, engine = LoadOptions, EngineOptions
     parser.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=options.DTYPES, help="default: the checkpoint's own")
+    parser.add_argument("--device", default=load.device, help="torch device (default: %(default)s)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
     parser.add_argument(
         "--kv-mb",
         type=float,
-        default=1024,
-        help="memory for the KV pool that running requests and the prefix cache share (default 1024)",
+        default=engine.kv_mb,
+        help="memory for the KV pool that running requests and the prefix cache share (default %(default)s)",
     )
-    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one step (default 16)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=engine.max_batch,
+        help="requests decoded together in one step (default %(default)s)",
+    )
     parser.add_argument(
         "--schedule",
-        choices=["lpm", "fcfs"],
-        default="lpm",
-        help="admission order: longest cached prefix first (default) or first come first served",
+        choices=options.POLICIES,
+        default=engine.schedule_policy,
+        help="admission order: longest cached prefix first (lpm) or first come first served (default %(default)s)",
     )
     parser.add_argument(
         "--exact",
@@ -44,11 +55,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=options.QUANTIZE,
         help="weight-only quantization at load: int8 per output channel, int4 per group of input channels",
     )
     parser.add_argument(
-        "--group-size", type=int, default=32, help="int4: input channels per scale and zero (default 32)"
+        "--group-size",
+        type=int,
+        default=load.group_size,
+        help="int4: input channels per scale and zero (default %(default)s)",
     )
     parser.add_argument(
         "--tp",
@@ -63,8 +77,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disk-cache-mb",
         type=float,
-        default=4096,
-        help="byte budget of --cache-dir; least recently used KV removed beyond it (default 4096)",
+        default=engine.disk_cache_mb,
+        help="byte budget of --cache-dir; least recently used KV removed beyond it (default %(default)s)",
     )
 
 
@@ -99,19 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs minillm[serve])")
     _add_model_options(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="default 8000")
+    srv.add_argument("--host", default=ServerOptions.host, help="address to listen on (default %(default)s)")
+    srv.add_argument("--port", type=int, default=ServerOptions.port, help="default %(default)s")
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     srv.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this are waiting")
     srv.add_argument("--served-model-name", help="the model id clients send (default: --model, or minillm-bundled)")
     srv.add_argument(
-        "--max-body-mb", type=float, default=4, help="answer 413 to request bodies larger than this (default 4)"
+        "--max-body-mb",
+        type=float,
+        default=ServerOptions.max_body_bytes / 2**20,
+        help="answer 413 to request bodies larger than this (default %(default)s)",
     )
     ver = commands.add_parser(
         "verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint"
     )
     ver.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
-    ver.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
+    ver.add_argument("--dtype", choices=options.DTYPES, help="default: the checkpoint's own")
     ver.add_argument("--device", default="cpu")
     ver.add_argument("--no-prepack", action="store_true", help="check the plain F.linear path instead")
     ver.add_argument("--prompts", type=int, default=4, help="random prompts per check (default 4)")
@@ -123,17 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-        use_prefix_cache=not args.no_prefix_cache,
-    )
+    """The generation settings given as flags (the sampling ones are SamplingParams' fields that have a flag)."""
+    sampling = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if hasattr(args, f.name)}
+    return dict(sampling, max_new_tokens=args.max_new_tokens, stop=args.stop, use_prefix_cache=not args.no_prefix_cache)
 
 
 def load_llm(args):
@@ -235,12 +244,11 @@ def generate(args) -> int:
 def _close(llm) -> None:
     """Write the cached KV to the disk tier, if there is one, and say what it did."""
     llm.close()
-    disk = llm.engine.kv.disk
-    if disk is not None and disk.enabled:
-        page = disk.page
+    disk = llm.stats().disk
+    if disk is not None:
         print(
-            f"[disk cache: {disk.pages_read * page} tokens read in {disk.read_s:.3f} s, {disk.pages_written * page} "
-            f"written in {disk.write_s:.3f} s, in {disk.dir}]",
+            f"[disk cache: {disk['tokens_read']} tokens read in {disk['read_s']:.3f} s, {disk['tokens_written']} "
+            f"written in {disk['write_s']:.3f} s, in {disk['dir']}]",
             file=sys.stderr,
             flush=True,
         )
@@ -310,7 +318,6 @@ def chat(args) -> int:
 def serve(args) -> int:
     """Load the model, then hand it to the HTTP server (server.py), which steps it on this thread."""
     try:
-        from .serving.server import ServerSettings
         from .serving.server import serve as run_server
     except ImportError as e:
         raise MinillmError(
@@ -318,7 +325,7 @@ def serve(args) -> int:
         ) from None
     if args.max_body_mb <= 0:
         raise MinillmError(f"--max-body-mb must be positive, got {args.max_body_mb}")
-    settings = ServerSettings(
+    settings = ServerOptions(
         model_name=args.served_model_name or (args.model if args.model else "minillm-bundled"),
         host=args.host,
         port=args.port,

@@ -24,24 +24,20 @@ import torch
 from . import limits, ranks
 from .cache import disk_cache
 from .cache.kv_pool import kv_bytes_per_token
-from .engine import exact as exact_mode
-from .engine.engine import Engine, RequestHandle
+from .engine.engine import Engine, EngineStats, RequestHandle
 from .engine.kv_manager import KVManager
 from .engine.request import Completion, Request
 from .engine.runner import LocalRunner, Runner
 from .engine.sampling import Sampler, SamplingParams
-from .engine.scheduler import POLICIES, Scheduler
+from .engine.scheduler import Scheduler
 from .errors import MinillmError
-from .loading import quantize as quantization
 from .loading.loader import load_model, resolve_model_dir
 from .model.config import DTYPES, ModelConfig, load_config, read_json
 from .model.model import CausalLM
+from .options import EngineOptions, ExactShape, LoadOptions
 from .tokenizer import StopStrings, StreamDecoder, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_KV_MB = 1024
-DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_PREFILL_TOKENS = 512
 TEXT_MARGIN = 4  # see prompt_ids
 
 
@@ -105,7 +101,7 @@ class LLM:
         self.runner = runner or LocalRunner(model)
         # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "int8", "int4-g32")
         # is what the loader made of the matrices
-        self.model_dir, self.weight_form = model_dir, getattr(model, "weight_form", "plain")
+        self.model_dir = model_dir
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -119,12 +115,12 @@ class LLM:
         cls,
         model: str | Path | None = None,
         dtype: str | torch.dtype | None = None,
-        device: str = "cpu",
-        exact: bool = False,
-        prepack: bool | None = None,
-        quantize: str | None = None,
-        group_size: int = quantization.DEFAULT_GROUP_SIZE,
-        tp: int | None = None,
+        device: str = LoadOptions.device,
+        exact: bool = LoadOptions.exact,
+        prepack: bool | None = LoadOptions.prepack,
+        quantize: str | None = LoadOptions.quantize,
+        group_size: int = LoadOptions.group_size,
+        tp: int | None = LoadOptions.tp,
         **engine_options,
     ) -> LLM:
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
@@ -137,7 +133,7 @@ class LLM:
         start on this machine, and this process's threads are shared out among the ranks. Under torchrun the
         group is torchrun's (tp may be left out), and on ranks other than 0 load() does not return: the
         process serves rank 0 and exits when rank 0 closes.
-        engine_options: see configure()."""
+        engine_options: EngineOptions' fields (options.py), as configure() takes them."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -158,7 +154,7 @@ class LLM:
         try:
             network = load_model(folder, config, dtype, device, prepack, quantize, group_size, rank, exact)
             if rank is not None:
-                ranks.loaded()
+                ranks.wait_until_every_rank_loaded()
         except BaseException:
             if rank is not None:
                 ranks.abandon(followers)
@@ -177,83 +173,55 @@ class LLM:
             **engine_options,
         )
 
-    def configure(
-        self,
-        kv_mb: float = DEFAULT_KV_MB,
-        kv_tokens: int | None = None,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
-        schedule_policy: str = "lpm",
-        prefix_cache: bool = True,
-        exact_chunk: int = exact_mode.DEFAULT_CHUNK,
-        exact_decode_rows: int = exact_mode.DEFAULT_DECODE_ROWS,
-        poison_freed: bool = False,
-        cache_dir: str | Path | None = None,
-        disk_cache_mb: float = disk_cache.DEFAULT_BUDGET_MB,
-    ) -> None:
-        """(Re)build the engine: a fresh KV pool and an empty prefix cache.
-        kv_mb: memory for the KV pool, shared by running requests and the prefix cache (kv_tokens: its size in
-        tokens instead). max_batch: requests running at once. max_prefill_tokens: prompt tokens per step
-        (longer prompts are prefilled in chunks over several steps). schedule_policy: "lpm" (longest cached
-        prefix first) or "fcfs". prefix_cache: False computes every prompt whole. exact_chunk,
-        exact_decode_rows: exact mode's tile sizes. poison_freed: debug, fill freed KV with NaN.
-        cache_dir: the prefix cache's disk tier (disk_cache.py), default $MINILLM_CACHE_DIR, else none: KV
-        that leaves memory (evicted, or at close() / the end of the process) is written there and later
-        processes reuse it; disk_cache_mb: its budget, least recently used files removed beyond it."""
+    def configure(self, **options) -> None:
+        """(Re)build the engine: a fresh KV pool and an empty prefix cache. options: EngineOptions' fields
+        (options.py, which gives each one's meaning and default)."""
+        settings = EngineOptions(**options)
+        settings.check()
         if hasattr(self, "engine"):
             self._close_engine()  # the old engine's cached KV goes to the disk tier, if there is one
-        if schedule_policy not in POLICIES:
-            raise MinillmError(f"unknown schedule policy {schedule_policy!r}; choose one of {', '.join(POLICIES)}")
-        for name, value in (
-            ("max_batch", max_batch),
-            ("max_prefill_tokens", max_prefill_tokens),
-            ("exact_chunk", exact_chunk),
-            ("exact_decode_rows", exact_decode_rows),
-        ):
-            if value < 1:
-                raise MinillmError(f"{name} must be at least 1, got {value}")
+        shape = ExactShape.of(self.exact, settings)
+        kv_tokens = settings.kv_tokens
         if kv_tokens is None:  # per rank under tensor parallelism: a rank holds only its kv heads
-            kv_tokens = int(kv_mb * 2**20) // kv_bytes_per_token(self.model.rank_config, self.dtype)
+            kv_tokens = int(settings.kv_mb * 2**20) // kv_bytes_per_token(self.model.rank_config, self.dtype)
         if kv_tokens < 2:
             raise MinillmError(
-                f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {kv_mb}); raise --kv-mb"
+                f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {settings.kv_mb}); raise --kv-mb"
             )
-        if disk_cache_mb <= 0:
-            raise MinillmError(f"disk_cache_mb must be positive, got {disk_cache_mb}")
-        cache_dir = cache_dir or os.environ.get(disk_cache.ENV_DIR)
+        cache_dir = settings.cache_dir or os.environ.get(disk_cache.ENV_DIR)
         if cache_dir and self.runner.ranks > 1:  # refused before any rank builds a new pool
             raise MinillmError(
                 "the prefix cache's disk tier does not work with tensor parallelism yet "
                 f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}"
             )
-        pool = self.runner.make_pool(kv_tokens + 1, self.dtype, self.device, poison_freed)
+        pool = self.runner.make_pool(kv_tokens + 1, self.dtype, self.device, settings.poison_freed)
         # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
         # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
         dynamic = self.config.rope.type == "dynamic"
+        prefix_cache = settings.prefix_cache and not dynamic
         disk = None
-        if cache_dir and self.model_dir is not None and prefix_cache and not dynamic:
-            page = exact_chunk if self.exact else disk_cache.DEFAULT_PAGE
-            facts = disk_cache.fingerprint(self.model_dir, self.dtype, self.exact, self.weight_form, page)
-            disk = disk_cache.DiskCache(Path(cache_dir), facts, int(disk_cache_mb * 2**20), page)
+        if cache_dir and self.model_dir is not None and prefix_cache:
+            facts = disk_cache.fingerprint(
+                self.model_dir, self.dtype, self.exact, self.model.weight_form, shape.disk_page
+            )
+            budget = int(settings.disk_cache_mb * 2**20)
+            disk = disk_cache.DiskCache(Path(cache_dir), facts, budget, shape.disk_page)
             if not hasattr(self, "_close_at_exit"):  # once per LLM, without keeping it alive
                 ref = weakref.ref(self)
                 self._close_at_exit = lambda: ref() is not None and ref().close()
                 atexit.register(self._close_at_exit)
         kv = KVManager(
-            pool,
-            prefix_cache=prefix_cache and not dynamic,
-            align=exact_chunk if self.exact else 1,
-            cache_decode_kv=not self.exact,
-            disk=disk,
+            pool, prefix_cache=prefix_cache, align=shape.align, cache_decode_kv=shape.cache_decode_kv, disk=disk
         )
         scheduler = Scheduler(
             kv,
-            max_batch=max_batch,
-            max_prefill_tokens=max_prefill_tokens,
-            policy=schedule_policy,
+            max_batch=settings.max_batch,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            policy=settings.schedule_policy,
             chunk_prefill=not dynamic,
         )
-        self.engine = Engine(self.runner, scheduler, self.exact, exact_chunk, exact_decode_rows)
+        tiles = (settings.exact_chunk, settings.exact_decode_rows) if self.exact else None
+        self.engine = Engine(self.runner, scheduler, tiles, shape.views)
 
     def _close_engine(self) -> None:
         self.engine.stop()
@@ -265,6 +233,15 @@ class LLM:
         ranks: the LLM cannot generate after that."""
         self._close_engine()
         self.runner.close()
+
+    def stats(self) -> EngineStats:
+        """The engine's counts now: requests running and waiting, KV slots, cache hit rate, disk traffic."""
+        return self.engine.stats()
+
+    def check_invariants(self) -> None:
+        """The KV pool's ownership invariant and the tree's own (AssertionError if broken): what the tests
+        check after every step, and `minillm verify` after its runs."""
+        self.engine.scheduler.check_invariants()
 
     @property
     def prefix_cache(self):

@@ -81,7 +81,7 @@ def join(rank: int, size: int, device: str, master: tuple[str, int] | None = Non
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
 
 
-def loaded() -> None:
+def wait_until_every_rank_loaded() -> None:
     """Wait until every rank has loaded its shard (which may take longer than the collective timeout)."""
     try:
         if dist.get_backend() == "gloo":
@@ -295,7 +295,7 @@ def follower_main(message: str) -> None:
             TensorParallel(config, rank, size),
             load["exact"],
         )
-        loaded()
+        wait_until_every_rank_loaded()
     except MinillmError as e:
         print(f"minillm: error: rank {rank}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -123,7 +123,7 @@ def check_batched(llm: LLM, prompts, new_tokens: int) -> Check:
     together = _run(llm, prompts, new_tokens)
     worst, limit = _max_diff(together, alone), _limit(llm, alone)
     same = sum(a.token_ids == t.token_ids for a, t in zip(alone, together))
-    llm.engine.scheduler.check_invariants()
+    llm.check_invariants()
     ok = worst <= limit and same == len(prompts)
     return Check(
         "batched",
@@ -151,7 +151,7 @@ def check_exact(llm: LLM, prompts, new_tokens: int) -> Check:
 def check_kv_bytes(llm: LLM) -> Check:
     c = llm.config
     expected = 2 * c.num_layers * c.num_kv_heads * c.head_dim * llm.dtype.itemsize
-    got = llm.engine.pool.bytes_per_token()
+    got = llm.engine.pool.slot_bytes()
     return Check(
         "kv_bytes",
         "pass" if got == expected else "fail",

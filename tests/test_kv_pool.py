@@ -45,7 +45,7 @@ def test_kv_memory_per_token(load):
     assert kv_bytes_per_token(cfg, torch.float32) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     pool = KVPool(cfg, 11, torch.float32)
     assert pool.keys.shape == (cfg.num_layers, cfg.num_kv_heads, 11, cfg.head_dim)
-    assert pool.bytes_per_token() == kv_bytes_per_token(cfg, torch.float32)
+    assert pool.slot_bytes() == kv_bytes_per_token(cfg, torch.float32)
     assert pool.num_slots == pool.free_slots == 10  # slot 0 is the dump for padding rows
 
 

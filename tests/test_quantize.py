@@ -142,7 +142,7 @@ def test_quantized_bundled_model_stays_close_to_float32(bundled_float32, mode, w
     spread), and the same next token at least `agree` of the time. (tools/bench_quality.py measures
     the held-out loss itself.)"""
     quantized = LLM.load(dtype="float32", quantize=mode)
-    assert quantized.weight_form == ("int8" if mode == "int8" else "int4-g32")
+    assert quantized.model.weight_form == ("int8" if mode == "int8" else "int4-g32")
     ids = quantized.tokenizer.encode(
         "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
     )

@@ -437,7 +437,7 @@ def test_every_forward_goes_through_the_runner(load, monkeypatch):
             calls.append(len(segments))
             return super().forward(pool, segments, views)
 
-    led = Engine(RecordingRunner(llm.model), llm.engine.scheduler, False, 64, 8)
+    led = Engine(RecordingRunner(llm.model), llm.engine.scheduler, None, views=True)
     monkeypatch.setattr(llm, "engine", led)
     llm.generate(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True)
     assert calls == [1, 1, 1]

@@ -8,37 +8,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 
 # Lower layers first: a module may import only modules listed before it.
+# fmt: off
 READING_ORDER = [
-    "errors",
-    "limits",
-    "model.config",
-    "model.rope",
-    "model.tensor_parallel",
-    "model.model",
-    "loading.safetensors_mmap",
-    "loading.prepack",
-    "loading.quantize",
-    "loading.loader",
+    "errors", "limits",
+    "model.config", "model.rope", "model.tensor_parallel", "model.model",
+    "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.loader",
     "tokenizer",
-    "cache.kv_pool",
-    "cache.radix_cache",
-    "cache.disk_cache",
-    "engine.sampling",
-    "engine.request",
-    "engine.plan",
-    "engine.kv_manager",
-    "engine.scheduler",
-    "engine.forward_batch",
-    "engine.runner",
-    "engine.exact",
-    "engine.engine",
-    "ranks",
-    "llm",
-    "serving.openai_api",
-    "serving.server",
-    "verify",
-    "cli",
+    "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
+    "engine.sampling", "engine.request", "engine.plan", "engine.kv_manager", "engine.scheduler",
+    "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
+    "ranks", "options", "llm",
+    "serving.openai_api", "serving.server",
+    "verify", "cli",
 ]
+# fmt: on
 ENTRY_POINTS = ["__init__", "__main__"]  # above everything
 
 

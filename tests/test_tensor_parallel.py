@@ -112,7 +112,7 @@ def test_prepacked_weights_split_too(checkpoint):
     folder = checkpoint("qwen2")
     one, two = LLM.load(folder, dtype="float32"), LLM.load(folder, dtype="float32", tp=2)
     try:
-        assert two.weight_form == "prepacked"
+        assert two.model.weight_form == "prepacked"
         assert (one.logits(PROMPTS[0]) - two.logits(PROMPTS[0])).abs().max() <= 1e-4
     finally:
         two.close()
@@ -304,7 +304,7 @@ def test_quantized_weights_split_too():
                 assert (a - b).abs().max() <= 1e-4
             else:
                 assert (b - exact).abs().max() <= 1.25 * (a - exact).abs().max()
-            assert two.weight_form == one.weight_form
+            assert two.model.weight_form == one.model.weight_form
         finally:
             two.close()
 

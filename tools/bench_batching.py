@@ -238,7 +238,7 @@ def bench_exact(model: str, dtype: str, fast: LLM, rng: random.Random, rounds: i
     best = {m: max(r["decode_tok_s"] for r in rows if r["mode"] == m) for m in ("fast", "exact")}
     return {
         "batch": 16,
-        "exact_decode_rows": exact.engine.exact_decode_rows,
+        "exact_decode_rows": exact.engine.exact_tiles[1],
         "runs": rows,
         "best_tok_s": best,
         "exact_over_fast": round(best["exact"] / best["fast"], 3),

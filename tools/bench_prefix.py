@@ -225,7 +225,7 @@ def bench_chat(llm: LLM, rng: random.Random, turns: int, system_len: int, user_l
 def bench_exact(fast: LLM, rng: random.Random, lengths: list[int], prefix_len: int, repeats: int) -> dict:
     """Same weights, two engines: fast mode and exact mode (chunked prefill), interleaved."""
     exact = LLM(fast.model, fast.tokenizer, fast.defaults, fast.device, exact=True)
-    result = {"chunk": exact.engine.exact_chunk}
+    result = {"chunk": exact.engine.exact_tiles[0]}
     for length in lengths:
         times = {"fast": [], "exact": []}
         for r in range(repeats):

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "dtype": dtype,
                 "quantize": quantize or "none",
-                "weights": llm.weight_form,
+                "weights": llm.model.weight_form,
                 "held_out_loss_nats_per_token": round(loss, 5),
             }
         )

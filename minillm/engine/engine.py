@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -37,15 +38,30 @@ log = logging.getLogger("minillm.engine")
 IDLE_WAIT_S = 0.1  # an idle serve() loop sleeps on the submission queue this long between should_stop() checks
 
 
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for metrics and reports (counts only: safe to read from any thread)."""
+
+    running: int  # requests in the running batch
+    waiting: int  # requests waiting to be admitted
+    kv_slots_total: int  # token slots in the KV pool
+    kv_slots_used: int  # by running requests or the prefix cache
+    kv_slots_cached: int  # held by the prefix cache
+    prefix_cache_hit_rate: float  # prompt tokens served from the prefix cache, of all prompt tokens looked up
+    preemptions: int
+    disk: dict | None  # the disk tier's traffic (dir, tokens read and written, seconds), if there is one
+
+
 class Engine:
-    def __init__(self, runner: Runner, scheduler: Scheduler, exact: bool, exact_chunk: int, exact_decode_rows: int):
-        """Settings come from LLM.configure (llm.py), which documents them. runner: what runs each forward
-        (runner.py: this process, or every rank of a tensor-parallel group)."""
+    def __init__(self, runner: Runner, scheduler: Scheduler, exact_tiles: tuple[int, int] | None, views: bool):
+        """runner: what runs each forward (runner.py: this process, or every rank of a tensor-parallel group).
+        exact_tiles: exact mode's (prefill chunk, decode rows) tile sizes (exact.py), None outside exact mode.
+        views: attention may read consecutive slots as a view of the pool (not in exact mode)."""
         self.runner = runner
         self.scheduler = scheduler
         self.kv = scheduler.kv
         self.pool = scheduler.kv.pool
-        self.exact, self.exact_chunk, self.exact_decode_rows = exact, exact_chunk, exact_decode_rows
+        self.exact_tiles, self.views = exact_tiles, views
         self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) from any thread
         self._serving = False
         self._thread: threading.Thread | None = None
@@ -57,6 +73,28 @@ class Engine:
         return self._serving
 
     # -- from any thread ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        kv, pool, disk = self.kv, self.pool, self.kv.disk
+        traffic = None
+        if disk is not None and disk.enabled:
+            traffic = {
+                "dir": str(disk.dir),
+                "tokens_read": disk.pages_read * disk.page,
+                "read_s": disk.read_s,
+                "tokens_written": disk.pages_written * disk.page,
+                "write_s": disk.write_s,
+            }
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_slots_total=pool.num_slots,
+            kv_slots_used=pool.num_slots - pool.free_slots,
+            kv_slots_cached=kv.tree.total_tokens,
+            prefix_cache_hit_rate=kv.tree.stats.hit_rate,
+            preemptions=self.scheduler.preemptions,
+            disk=traffic,
+        )
 
     def submit(self, request: Request) -> RequestHandle:
         self._inbox.put(("submit", request))
@@ -98,12 +136,12 @@ class Engine:
         return True
 
     def _run(self, works: list[Work]) -> None:
-        if self.exact:
-            tiles = exact_mode.tiles(works, self.exact_chunk, self.exact_decode_rows)
+        if self.exact_tiles is not None:
+            tiles = exact_mode.tiles(works, *self.exact_tiles)
         else:
             tiles = [[(segment(w), w if w.sample else None) for w in works]]
         for tile in tiles:
-            logits = iter(self.runner.forward(self.pool, [rows for rows, _ in tile], views=not self.exact))
+            logits = iter(self.runner.forward(self.pool, [rows for rows, _ in tile], views=self.views))
             for rows, w in tile:
                 row = next(logits) if rows.logit_row is not None else None
                 if w is not None:

@@ -195,7 +195,6 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one tensor, not two copies
     del tensors, state, embed  # only the model holds weights now, so packed originals can be freed
-    model.weight_form = "plain"  # what the matrices became: the disk tier keeps KV of each form apart
     if prepack:
         packing.prepack_linears(model, dtype, release, exact)
         model.weight_form = "prepacked"

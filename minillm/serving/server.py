@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,12 +33,12 @@ from starlette.requests import ClientDisconnect
 from ..engine.request import DONE, Request
 from ..errors import MinillmError
 from ..limits import InvalidSetting
+from ..options import ServerOptions
 from . import openai_api
 from .openai_api import ApiError
 
 log = logging.getLogger("minillm.server")
 
-DEFAULT_MAX_BODY_MB = 4  # a 128k-token prompt is about 0.5 MB of text, or 1 MB as JSON token ids
 TRIM_AFTER_BYTES = 2**20  # after a body this large, give the freed heap back (return_freed_memory)
 
 
@@ -62,27 +61,17 @@ class Metrics:
 
     def __init__(self, llm):
         self.registry = registry = CollectorRegistry()
-        scheduler, pool, tree = llm.engine.scheduler, llm.engine.pool, llm.engine.kv.tree
-        Gauge("minillm_requests_running", "Requests in the running batch", registry=registry).set_function(
-            lambda: len(scheduler.running)
-        )
-        Gauge("minillm_requests_waiting", "Requests waiting to be admitted", registry=registry).set_function(
-            lambda: len(scheduler.waiting)
-        )
-        Gauge("minillm_kv_slots_total", "Token slots in the KV pool", registry=registry).set_function(
-            lambda: pool.num_slots
-        )
-        Gauge(
-            "minillm_kv_slots_used", "KV pool slots in use (by running requests or the prefix cache)", registry=registry
-        ).set_function(lambda: pool.num_slots - pool.free_slots)
-        Gauge("minillm_kv_slots_cached", "KV pool slots held by the prefix cache", registry=registry).set_function(
-            lambda: tree.total_tokens
-        )
-        Gauge(
-            "minillm_prefix_cache_hit_rate",
-            "Prompt tokens served from the prefix cache, of all prompt tokens",
-            registry=registry,
-        ).set_function(lambda: tree.stats.hit_rate)
+        gauges = {  # EngineStats field -> what the gauge shows
+            "running": "Requests in the running batch",
+            "waiting": "Requests waiting to be admitted",
+            "kv_slots_total": "Token slots in the KV pool",
+            "kv_slots_used": "KV pool slots in use (by running requests or the prefix cache)",
+            "kv_slots_cached": "KV pool slots held by the prefix cache",
+            "prefix_cache_hit_rate": "Prompt tokens served from the prefix cache, of all prompt tokens",
+        }
+        for field, text in gauges.items():
+            name = "minillm_requests_" + field if field in ("running", "waiting") else "minillm_" + field
+            Gauge(name, text, registry=registry).set_function(lambda field=field: getattr(llm.stats(), field))
         self.prompt_tokens = Counter("minillm_prompt_tokens", "Prompt tokens of finished requests", registry=registry)
         self.cached_tokens = Counter(
             "minillm_cached_tokens", "Prompt tokens found in the prefix cache", registry=registry
@@ -127,22 +116,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@dataclass
-class ServerSettings:
-    """What `python -m minillm serve` adds to the engine's settings."""
-
-    model_name: str  # the id clients send as "model"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # then /v1 wants "Authorization: Bearer <key>"
-    max_waiting: int | None = None  # 429 beyond this many waiting requests
-    max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20  # 413 beyond this
-
-
 class App:
     """The routes' shared state: the LLM (whose engine another thread steps), the settings, the metrics."""
 
-    def __init__(self, llm, settings: ServerSettings):
+    def __init__(self, llm, settings: ServerOptions):
         self.llm, self.engine, self.settings = llm, llm.engine, settings
         self.metrics = Metrics(llm)
 
@@ -229,7 +206,7 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
         if len(body) >= TRIM_AFTER_BYTES:  # a large prompt's tokenizing left hundreds of MB with the allocator
             await asyncio.to_thread(return_freed_memory)
     max_waiting = app.settings.max_waiting
-    if max_waiting is not None and len(app.engine.scheduler.waiting) + len(requests) > max_waiting:
+    if max_waiting is not None and app.llm.stats().waiting + len(requests) > max_waiting:
         raise ApiError(
             429,
             f"too many requests waiting (limit {max_waiting}); retry later",
@@ -335,7 +312,7 @@ def return_freed_memory() -> None:
         pass
 
 
-def create_app(llm, settings: ServerSettings) -> FastAPI:
+def create_app(llm, settings: ServerOptions) -> FastAPI:
     """The FastAPI application; something must step llm.engine (serve() below, or engine.start())."""
     app = App(llm, settings)
 
@@ -381,7 +358,7 @@ def create_app(llm, settings: ServerSettings) -> FastAPI:
     return api
 
 
-def serve(llm, settings: ServerSettings) -> int:
+def serve(llm, settings: ServerOptions) -> int:
     """Start uvicorn in a thread, and step the engine on this (the main) thread until uvicorn has stopped.
     SIGINT or SIGTERM stop it gracefully: no new connections, open requests served to their end (30 s at
     most), then exit status 0. A second signal stops at once."""
