@@ -319,7 +319,7 @@ class LLM:
         sampling = SamplingParams(
             **{n: getattr(base, n) if sampling_options.get(n) is None else sampling_options[n] for n in names}
         )
-        sampler = Sampler(sampling)  # checks the sampling settings (limits.py)
+        sampling.validate()  # (limits.py) before the prompt is tokenized
         max_new_tokens = limits.check("max_new_tokens", max_new_tokens) or self.defaults.max_new_tokens
         limits.check("logprobs", logprobs)
         stops = limits.check_stop(stop)
@@ -333,7 +333,7 @@ class LLM:
         eos_ids = set() if ignore_eos else set(self.defaults.eos_token_ids)
         return Request(
             ids,
-            sampler,
+            Sampler(sampling, ids, self.config.vocab_size),
             StopStrings(stops),
             StreamDecoder(self.tokenizer),
             min(max_new_tokens, self.config.context_length - len(ids)),
@@ -341,7 +341,6 @@ class LLM:
             use_prefix_cache,
             return_logits,
             logprobs,
-            self.config.vocab_size,
         )
 
     def submit(self, prompt: str | list[int], **options) -> RequestHandle:

@@ -456,10 +456,10 @@ def test_a_completion_counts_its_prompt_and_times_its_phases(load):
 def test_a_request_keeps_a_token_history_only_for_the_penalties_that_need_it(load):
     llm = load("llama")
     plain = llm.request([5, 6, 7], max_new_tokens=2)
-    assert plain.seen is None and plain.counts is None
-    assert llm.request([5, 6], max_new_tokens=2, repetition_penalty=2.0).seen.tolist() == [5, 6]
-    assert llm.request([5, 6], max_new_tokens=2, presence_penalty=0.5).counts.shape == (llm.config.vocab_size,)
+    assert plain.sampler.seen is None and plain.sampler.counts is None
+    assert llm.request([5, 6], max_new_tokens=2, repetition_penalty=2.0).sampler.seen.tolist() == [5, 6]
+    assert llm.request([5, 6], max_new_tokens=2, presence_penalty=0.5).sampler.counts.shape == (llm.config.vocab_size,)
     handle = llm.submit([5, 6], max_new_tokens=10, temperature=0, ignore_eos=True, frequency_penalty=-2.0)
     generated = handle.result().token_ids  # the negative penalty makes tokens repeat
     expected = torch.bincount(torch.tensor(generated), minlength=llm.config.vocab_size).float()
-    assert expected.max() > 1 and torch.equal(handle.request.counts, expected)
+    assert expected.max() > 1 and torch.equal(handle.request.sampler.counts, expected)

@@ -32,13 +32,16 @@ class FailingSampler:
         self.sampler, self.at, self.spoil, self.calls = sampler, at, spoil, 0
         self.params = sampler.params
 
-    def __call__(self, logits, seen, counts=None):
+    def __call__(self, logits):
         self.calls += 1
         if self.calls == self.at:
             if self.spoil is None:
                 raise RuntimeError("planted sampler failure")
             logits = self.spoil(logits)
-        return self.sampler(logits, seen, counts)
+        return self.sampler(logits)
+
+    def record(self, token):
+        self.sampler.record(token)
 
 
 def alone(llm, prompt, **options):

@@ -101,10 +101,8 @@ class Request:
         use_prefix_cache: bool,
         return_logits: bool,
         logprobs: int | None,
-        vocab_size: int,
     ):
-        """logprobs: record each generated token's logprob and this many top alternatives (None: off).
-        vocab_size: needed for the presence/frequency penalties' token counts."""
+        """logprobs: record each generated token's logprob and this many top alternatives (None: off)."""
         self.id = next(_ids)
         self.prompt = prompt
         self.generated: list[int] = []
@@ -116,10 +114,6 @@ class Request:
         self.step_logits: list[torch.Tensor] = []
         self.logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []
-        # Repetition-penalty history (prompt and output), kept only when the penalty is used.
-        self.seen = torch.tensor(prompt) if sampler.params.repetition_penalty != 1.0 else None
-        # Times each token was generated, for presence/frequency penalties, kept only when they are used.
-        self.counts = torch.zeros(vocab_size) if sampler.params.counts_output else None
 
         self.slot_table = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.int64)  # position -> pool slot
         self.node: Node | None = None  # locked end of the cached prefix
@@ -166,7 +160,7 @@ class Request:
         stream its text, and decide whether the request is done."""
         if self.return_logits:
             self.step_logits.append(logits)
-        token = self.sampler(logits, self.seen, self.counts)
+        token = self.sampler(logits)
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits[0], dim=-1)
             top = logprobs.topk(self.logprobs) if self.logprobs else None
@@ -179,10 +173,7 @@ class Request:
             )
         self.generated.append(token)
         self.token_times.append(time.perf_counter())
-        if self.seen is not None:
-            self.seen = torch.cat((self.seen, torch.tensor([token])))
-        if self.counts is not None:
-            self.counts[token] += 1
+        self.sampler.record(token)
         if token in self.eos_ids:
             self.finish("stop")
             return

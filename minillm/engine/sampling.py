@@ -135,13 +135,26 @@ def only_samplable(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Picks tokens for one request; holds the request's random generator so its seed governs every draw."""
+    """Picks one request's tokens. It holds the request's random generator, so its seed governs every draw, and
+    the history its penalties read (kept only when a penalty needs it): the ids of the prompt and output for
+    the repetition penalty, and the count of each generated token for the presence and frequency penalties."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    def __init__(
+        self, params: SamplingParams, prompt: list[int] = (), vocab_size: int = 0, device: torch.device | str = "cpu"
+    ):
         params.validate()
         self.params = params
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seen = torch.tensor(list(prompt), dtype=torch.int64) if params.repetition_penalty != 1.0 else None
+        self.counts = torch.zeros(vocab_size) if params.counts_output else None  # [vocab]
+
+    def record(self, token: int) -> None:
+        """The request generated `token`: the penalties see it from the next pick on."""
+        if self.seen is not None:
+            self.seen = torch.cat((self.seen, torch.tensor([token])))
+        if self.counts is not None:
+            self.counts[token] += 1
 
     def process(
         self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None
@@ -165,7 +178,12 @@ class Sampler:
             logits = min_p(logits, p.min_p)
         return logits
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None) -> int:
+    def __call__(
+        self, logits: torch.Tensor, seen: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> int:
+        """The next token for logits [1, vocab]; seen and counts default to the sampler's own history."""
+        seen = self.seen if seen is None else seen
+        counts = self.counts if counts is None else counts
         logits = self.process(only_samplable(logits), seen, counts)
         if self.params.greedy:
             return int(logits.argmax())

@@ -10,30 +10,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import fields
 
 from .. import limits
 from ..engine.request import Completion, TokenLogprob
+from ..engine.sampling import SamplingParams
 
+# Body fields that are generation settings, and their names in LLM.generate (checked by limits.py). The
+# first of two fields for one setting wins.
+OPTION_OF_FIELD = {
+    "max_completion_tokens": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    **{f.name: f.name for f in fields(SamplingParams)},  # the sampling settings keep their names
+}
 # Fields that change nothing about the result; accepted and not used.
 IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls"}
-COMMON = {
-    "model",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "n",
-    "stream",
-    "logprobs",
-    "ignore_eos",
-}
+COMMON = {"model", "stop", "n", "stream", "logprobs", "ignore_eos", *OPTION_OF_FIELD}
 FIELDS = {
     "completions": COMMON | {"prompt", "echo", "suffix", "best_of"},
     "chat": COMMON | {"messages", "top_logprobs"},
@@ -41,25 +33,6 @@ FIELDS = {
 MAX_N = 16
 MAX_STOPS = 4  # OpenAI's limit
 DEFAULT_ONLY = {"echo": False, "suffix": None, "best_of": 1}  # fields refused unless they ask for the default
-# Body fields that are generation settings, and their names in LLM.generate (checked by limits.py). The
-# first of two fields for one setting wins.
-OPTION_OF_FIELD = {
-    "max_completion_tokens": "max_new_tokens",
-    "max_tokens": "max_new_tokens",
-    **{
-        name: name
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "seed",
-        )
-    },
-}
 FIELD_OF_OPTION = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "stop": "stop"}
 
 
