@@ -18,7 +18,7 @@ READING_ORDER = [
     "engine.sampling", "engine.request", "engine.plan", "engine.kv_manager", "engine.scheduler",
     "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
     "ranks", "options", "llm",
-    "serving.openai_api", "serving.server",
+    "serving.openai_api", "serving.metrics", "serving.server",
     "verify", "cli",
 ]
 # fmt: on

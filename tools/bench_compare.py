@@ -10,7 +10,8 @@ bench_batching.py does it) and read the very same weight tensors. Workloads, in 
 request (a 128-token prompt, 32 new tokens: its prefill and decode tokens per second) and a batch of 8 (eight
 128-token prompts, 32 new tokens each: output tokens per second over the whole run). Each round runs every
 workload on both packages back to back, alternating which goes first; reported per workload: the median over
-rounds of new / baseline, and each side's best.
+rounds of new / baseline, and each side's best. On a shared machine single runs vary by 10% or more, so only
+the median ratio over several rounds means anything.
 """
 
 from __future__ import annotations
@@ -44,21 +45,22 @@ def cpu_name() -> str:
     return f"{model} ({kind}{', AVX-512 BF16' if ' avx512_bf16' in flags else ''})"
 
 
-def run(llm, rng: random.Random) -> dict:
-    """One round of both workloads on one engine (a fresh engine each time: no prefix cache carried over)."""
-    options = dict(max_new_tokens=NEW, temperature=0, ignore_eos=True)
+def lone(llm, rng: random.Random) -> dict:
+    """One request on a fresh engine (no prefix cache carried over): its prefill and decode speed."""
     llm.configure()
-    lone = llm.generate([rng.randrange(2, 30000) for _ in range(PROMPT)], **options)
+    out = llm.generate(
+        [rng.randrange(2, 30000) for _ in range(PROMPT)], max_new_tokens=NEW, temperature=0, ignore_eos=True
+    )
+    return {"lone_prefill_tok_s": out.prefill_tok_s, "lone_decode_tok_s": out.decode_tok_s}
+
+
+def batch8(llm, rng: random.Random) -> dict:
+    """BATCH requests at once on a fresh engine: output tokens per second over the whole run."""
     llm.configure()
     prompts = [[rng.randrange(2, 30000) for _ in range(PROMPT)] for _ in range(BATCH)]
     start = time.perf_counter()
-    outs = llm.generate(prompts, **options)
-    batch_s = time.perf_counter() - start
-    return {
-        "lone_prefill_tok_s": lone.prefill_tok_s,
-        "lone_decode_tok_s": lone.decode_tok_s,
-        "batch8_tok_s": sum(len(o.token_ids) for o in outs) / batch_s,
-    }
+    outs = llm.generate(prompts, max_new_tokens=NEW, temperature=0, ignore_eos=True)
+    return {"batch8_tok_s": sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)}
 
 
 def main() -> None:
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--baseline-ref", required=True, help="git revision to compare with")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     baseline = load_baseline(args.baseline_ref)
@@ -85,9 +87,12 @@ def main() -> None:
         old = baseline.LLM.load(args.model, dtype=args.dtype, exact=mode == "exact")
         share_weights(new.model, old.model)
         rounds = []
-        for i in range(args.rounds):
+        for i in range(args.rounds):  # each workload on both packages back to back, the order alternating
             order = ("new", "baseline") if i % 2 == 0 else ("baseline", "new")
-            got = {name: run(new if name == "new" else old, random.Random(i)) for name in order}
+            got = {"new": {}, "baseline": {}}
+            for workload in (lone, batch8):
+                for name in order:
+                    got[name].update(workload(new if name == "new" else old, random.Random(i)))
             rounds.append(got)
             print(
                 mode, f"round {i + 1}", {k: {m: round(v, 2) for m, v in r.items()} for k, r in got.items()}, flush=True
