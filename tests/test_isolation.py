@@ -169,3 +169,66 @@ def test_seeds_are_checked_where_they_enter(load):
     for seed in (2**64, -(2**63) - 1):
         with pytest.raises(MinillmError, match="seed must be"):
             llm.generate(PROMPTS[0], max_new_tokens=2, temperature=1.0, seed=seed)
+
+
+# -- no client input gets a 5xx: the server's request building, fuzzed ----------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20)
+)
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "logprobs",
+    "top_logprobs",
+    "ignore_eos",
+    "echo",
+    "suffix",
+    "best_of",
+    "model",
+    "stream_options",
+    "user",
+]
+GOOD = {"prompt": "The quick", "messages": [{"role": "user", "content": "hi"}]}
+BODY = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(lambda b: {**GOOD, **b})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=BODY, endpoint=st.sampled_from(["completions", "chat"]))
+def test_any_json_body_is_built_into_requests_or_refused_with_a_4xx(load, body, endpoint):
+    """Whatever fields and values a client sends, building its requests either succeeds (with settings the
+    sampler accepts) or raises the API's own 4xx error: never another exception, which would be a 500."""
+    import json
+
+    from minillm.serving.openai_api import ApiError
+    from minillm.serving.server import build_requests
+
+    llm = load("llama")
+    try:
+        _, requests = build_requests(llm, json.dumps(body).encode(), endpoint, "tiny")
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    for r in requests:  # what was accepted can be sampled from
+        assert r.sampler(torch.zeros(1, llm.config.vocab_size)) in range(llm.config.vocab_size)
