@@ -136,6 +136,8 @@ class Engine:
         return True
 
     def _run(self, works: list[Work]) -> None:
+        """The runner's forward over every planned row (in exact mode, fixed-shape tiles, one forward each);
+        each request whose last row was computed picks its next token."""
         if self.exact_tiles is not None:
             tiles = exact_mode.tiles(works, *self.exact_tiles)
         else:
