@@ -254,3 +254,24 @@ def test_nan_logits_are_refused_with_a_reason():
     for temperature in (0.0, 1.0):
         with pytest.raises(BadLogits, match="NaN"):
             Sampler(SamplingParams(temperature=temperature))(logits, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_overflow_is_clamped_the_right_way_round(seed):
+    """Temperature 0.5 doubles -3e38 past float32's range: that logit stays the least likely one (clamped to
+    -max, not +max), it still counts (not -inf: with every logit overflowing, one is still picked), and a
+    removed token (-inf) never ties with it."""
+    sampler = Sampler(SamplingParams(temperature=0.5, seed=seed))
+    assert sampler(torch.tensor([[0.0, -3e38]])) == 0
+    assert sampler(torch.tensor([[-3e38, -3e38]])) in (0, 1)
+    assert sampler(torch.tensor([[-math.inf, -3e38]])) == 1
+
+
+def test_the_sampler_counts_every_generated_token():
+    sampler = Sampler(SamplingParams(frequency_penalty=1.0), prompt=[1, 2], vocab_size=8)
+    for token in (3, 3, 5):
+        sampler.record(token)
+    assert sampler.counts.tolist() == [0, 0, 0, 2, 0, 1, 0, 0] and sampler.seen is None
+    sampler = Sampler(SamplingParams(repetition_penalty=1.5), prompt=[1, 2], vocab_size=8)
+    sampler.record(3)
+    assert sampler.seen.tolist() == [1, 2, 3] and sampler.counts is None
