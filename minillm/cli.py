@@ -207,7 +207,7 @@ def _summary(completions) -> str:
 
 def _chat_prompt(llm, text: str, system: str | None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return llm.tokenizer.encode_chat(messages)
+    return llm.chat_ids(messages)
 
 
 def generate(args) -> int:
@@ -295,7 +295,7 @@ def chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        stream = llm.stream(llm.tokenizer.encode_chat(messages), **_options(args))
+        stream = llm.stream(llm.chat_ids(messages), **_options(args))
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

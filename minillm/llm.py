@@ -253,8 +253,7 @@ class LLM:
     def prompt_ids(self, prompt: str | list[int], in_pool: bool = True) -> list[int]:
         """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids.
         in_pool: it must also fit the KV pool (not for logits(), which keeps no KV)."""
-        limit = min(self.config.context_length, self.engine.pool.num_slots if in_pool else self.config.context_length)
-        where = "model's context" if limit == self.config.context_length else "KV pool (raise --kv-mb)"
+        limit, where = self._prompt_limit(in_pool)
         if isinstance(prompt, str):
             ids = self._text_ids(prompt, limit, where)
         elif isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
@@ -277,8 +276,13 @@ class LLM:
         """Token ids of a conversation rendered by the checkpoint's chat template (checked as prompt_ids checks
         ids: not empty, within the context and the KV pool)."""
         text = self.tokenizer.apply_chat_template(messages)
-        limit = min(self.config.context_length, self.engine.pool.num_slots)
-        return self.prompt_ids(self._text_ids(text, limit, "model's context or KV pool", special_tokens=False))
+        return self.prompt_ids(self._text_ids(text, *self._prompt_limit(in_pool=True), special_tokens=False))
+
+    def _prompt_limit(self, in_pool: bool) -> tuple[int, str]:
+        """The most tokens a prompt may have (plus one new token), and what sets that limit, for the error."""
+        context = self.config.context_length
+        limit = min(context, self.engine.pool.num_slots) if in_pool else context
+        return limit, "model's context" if limit == context else "KV pool (raise --kv-mb)"
 
     def _text_ids(self, text: str, limit: int, where: str, special_tokens: bool = True) -> list[int]:
         """Tokenize text, unless its size alone shows it is far too long for `limit` tokens: it has at least

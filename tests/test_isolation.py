@@ -138,7 +138,7 @@ def test_a_failed_forward_fails_the_batch_and_leaves_the_pool_consistent(load, m
 def test_hostile_but_legal_settings_give_tokens(load, exact):
     """Each of these made the whole batch fail before (NaN probabilities in torch.multinomial)."""
     llm = load("llama")
-    llm.exact = exact
+    llm.exact = exact  # exact mode's step (tiles) on weights packed for fast mode: tokens, not bits, are asserted
     try:
         greedy = alone(llm, PROMPTS[0], max_new_tokens=8, temperature=0)
         assert alone(llm, PROMPTS[0], max_new_tokens=8, temperature=1e-40) == greedy  # below 1e-5: greedy

@@ -33,7 +33,7 @@ FIELDS = {
 MAX_N = 16
 MAX_STOPS = 4  # OpenAI's limit
 DEFAULT_ONLY = {"echo": False, "suffix": None, "best_of": 1}  # fields refused unless they ask for the default
-FIELD_OF_OPTION = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "stop": "stop"}
+FIELD_OF_OPTION = {"max_new_tokens": "max_tokens"}  # the other settings' fields have their names
 
 
 class ApiError(Exception):
