@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import atexit
 import numbers
-import os
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from . import limits, ranks
-from .cache import disk_cache
-from .cache.kv_pool import kv_bytes_per_token
-from .engine.engine import Engine, EngineStats, RequestHandle
-from .engine.kv_manager import KVManager
+from .engine.build import build_engine
+from .engine.engine import EngineStats, RequestHandle
 from .engine.request import Completion, Request
 from .engine.runner import LocalRunner, Runner
 from .engine.sampling import Sampler, SamplingParams
-from .engine.scheduler import Scheduler
 from .errors import MinillmError
+from .generation_config import GenerationDefaults
 from .loading.loader import load_model, resolve_model_dir
-from .model.config import DTYPES, ModelConfig, load_config, read_json
+from .model.config import DTYPES, ModelConfig, load_config
 from .model.model import CausalLM
-from .options import EngineOptions, ExactShape, LoadOptions
+from .options import EngineOptions, LoadOptions
 from .tokenizer import StopStrings, StreamDecoder, Tokenizer
 
-DEFAULT_MAX_NEW_TOKENS = 128
 TEXT_MARGIN = 4  # see prompt_ids
 
 
@@ -54,34 +50,6 @@ def bundled_model() -> Path:
 def _is_token_id(value) -> bool:
     """An int of any kind (numpy's too); not a float, a string or a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-@dataclass
-class GenerationDefaults:
-    """What the checkpoint's generation_config.json asks for, used where a request leaves a setting out."""
-
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_folder(cls, folder: Path, config: ModelConfig) -> GenerationDefaults:
-        path = folder / "generation_config.json"
-        raw = read_json(path) if path.is_file() else {}
-        eos = raw.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        sampling = SamplingParams()
-        if raw.get("do_sample"):  # as in transformers, sampling settings apply only when do_sample is set
-            sampling.temperature = float(raw.get("temperature", 1.0))
-            sampling.top_k = int(raw.get("top_k") or 0)
-            sampling.top_p = float(raw.get("top_p", 1.0))
-            sampling.min_p = float(raw.get("min_p") or 0.0)
-        sampling.repetition_penalty = float(raw.get("repetition_penalty", 1.0))
-        return cls(
-            sampling=sampling,
-            max_new_tokens=int(raw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-            eos_token_ids=sorted(set(eos_ids) | set(config.eos_token_ids)),
-        )
 
 
 class LLM:
@@ -177,51 +145,16 @@ class LLM:
         """(Re)build the engine: a fresh KV pool and an empty prefix cache. options: EngineOptions' fields
         (options.py, which gives each one's meaning and default)."""
         settings = EngineOptions(**options)
-        settings.check()
+        settings.check()  # before the old engine stops
         if hasattr(self, "engine"):
             self._close_engine()  # the old engine's cached KV goes to the disk tier, if there is one
-        shape = ExactShape.of(self.exact, settings)
-        kv_tokens = settings.kv_tokens
-        if kv_tokens is None:  # per rank under tensor parallelism: a rank holds only its kv heads
-            kv_tokens = int(settings.kv_mb * 2**20) // kv_bytes_per_token(self.model.rank_config, self.dtype)
-        if kv_tokens < 2:
-            raise MinillmError(
-                f"the KV pool must hold at least 2 tokens, got {kv_tokens} (kv_mb {settings.kv_mb}); raise --kv-mb"
-            )
-        cache_dir = settings.cache_dir or os.environ.get(disk_cache.ENV_DIR)
-        if cache_dir and self.runner.ranks > 1:  # refused before any rank builds a new pool
-            raise MinillmError(
-                "the prefix cache's disk tier does not work with tensor parallelism yet "
-                f"(each rank holds other kv heads); drop --cache-dir and unset {disk_cache.ENV_DIR}"
-            )
-        pool = self.runner.make_pool(kv_tokens + 1, self.dtype, self.device, settings.poison_freed)
-        # Dynamic NTK RoPE rotates keys with frequencies that depend on the sequence length at the time, so
-        # KV computed for a prefix is not what a longer request would compute: never reuse it, never chunk.
-        dynamic = self.config.rope.type == "dynamic"
-        prefix_cache = settings.prefix_cache and not dynamic
-        disk = None
-        if cache_dir and self.model_dir is not None and prefix_cache:
-            facts = disk_cache.fingerprint(
-                self.model_dir, self.dtype, self.exact, self.model.weight_form, shape.disk_page
-            )
-            budget = int(settings.disk_cache_mb * 2**20)
-            disk = disk_cache.DiskCache(Path(cache_dir), facts, budget, shape.disk_page)
-            if not hasattr(self, "_close_at_exit"):  # once per LLM, without keeping it alive
-                ref = weakref.ref(self)
-                self._close_at_exit = lambda: ref() is not None and ref().close()
-                atexit.register(self._close_at_exit)
-        kv = KVManager(
-            pool, prefix_cache=prefix_cache, align=shape.align, cache_decode_kv=shape.cache_decode_kv, disk=disk
+        self.engine = build_engine(
+            self.runner, self.model, self.dtype, self.device, self.exact, self.model_dir, settings
         )
-        scheduler = Scheduler(
-            kv,
-            max_batch=settings.max_batch,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            policy=settings.schedule_policy,
-            chunk_prefill=not dynamic,
-        )
-        tiles = (settings.exact_chunk, settings.exact_decode_rows) if self.exact else None
-        self.engine = Engine(self.runner, scheduler, tiles, shape.views)
+        if self.engine.kv.disk is not None and not hasattr(self, "_close_at_exit"):
+            ref = weakref.ref(self)  # once per LLM, without keeping it alive
+            self._close_at_exit = lambda: ref() is not None and ref().close()
+            atexit.register(self._close_at_exit)
 
     def _close_engine(self) -> None:
         self.engine.stop()

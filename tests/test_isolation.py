@@ -222,7 +222,7 @@ def test_any_json_body_is_built_into_requests_or_refused_with_a_4xx(load, body, 
     import json
 
     from minillm.serving.openai_api import ApiError
-    from minillm.serving.server import build_requests
+    from minillm.serving.handler import build_requests
 
     llm = load("llama")
     try:

@@ -17,9 +17,9 @@ READING_ORDER = [
     "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
     "engine.sampling", "engine.request", "engine.plan", "engine.kv_manager", "engine.scheduler",
     "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
-    "ranks", "options", "llm",
-    "serving.openai_api", "serving.metrics", "serving.server",
-    "verify", "cli",
+    "ranks", "options", "engine.build", "generation_config", "llm",
+    "serving.openai_api", "serving.metrics", "serving.handler", "serving.server",
+    "verify", "flags", "cli",
 ]
 # fmt: on
 ENTRY_POINTS = ["__init__", "__main__"]  # above everything

@@ -8,14 +8,12 @@ uvicorn and its event loop run in a second thread. HTTP handlers never touch the
 requests, abort them, and await their text through an asyncio queue that the engine feeds with
 loop.call_soon_threadsafe. A client that disconnects mid-stream aborts its
 requests: their slots are freed and their locks released at the next step. The wire format (fields,
-errors, chunks) lives in openai_api.py; this file is the HTTP plumbing, metrics and the process's life.
+errors, chunks) lives in openai_api.py, one request's path from body to answer in handler.py; this file is
+the routes and the process's life.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import json
 import logging
 import signal
 import sys
@@ -26,230 +24,12 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.requests import ClientDisconnect
+from fastapi.responses import JSONResponse, Response
 
-from ..engine.request import DONE, Request
 from ..errors import MinillmError
-from ..limits import InvalidSetting
 from ..options import ServerOptions
-from . import openai_api
-from .metrics import Metrics
+from .handler import App, generate
 from .openai_api import ApiError
-
-log = logging.getLogger("minillm.server")
-
-TRIM_AFTER_BYTES = 2**20  # after a body this large, give the freed heap back (return_freed_memory)
-
-
-class _LoopSink:
-    """Stands in for a request's piece queue: each put, made on the engine thread, lands on an asyncio queue
-    of the event loop as (choice index, item)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
-        self.loop, self.queue, self.index = loop, queue, index
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
-        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody reads this
-            pass
-
-
-class App:
-    """The routes' shared state: the LLM (whose engine another thread steps), the settings, the metrics."""
-
-    def __init__(self, llm, settings: ServerOptions):
-        self.llm, self.engine, self.settings = llm, llm.engine, settings
-        self.metrics = Metrics(llm)
-
-    def check_key(self, http: HttpRequest) -> None:
-        key = self.settings.api_key
-        if key is not None and http.headers.get("authorization") != f"Bearer {key}":
-            raise ApiError(
-                401,
-                "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                kind="authentication_error",
-                code="invalid_api_key",
-            )
-
-    def token_text(self, token: int) -> str:
-        return self.llm.tokenizer.decode([token], skip_special_tokens=False)
-
-    def abort_unfinished(self, requests: list[Request]) -> None:
-        for r in requests:
-            if r.finish_reason is None:
-                self.engine.abort(r)
-                self.metrics.requests.labels("abort").inc()
-
-
-async def read_body(http: HttpRequest, limit: int) -> bytes:
-    """The request's body, refused with 413 as soon as it is known to exceed `limit` bytes (from its
-    Content-Length, before reading anything, or while reading a body sent without one)."""
-    declared = http.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(
-            413,
-            f"the request body has {int(declared)} bytes, more than this server accepts ({limit}; see --max-body-mb)",
-            code="body_too_large",
-        )
-    body = bytearray()
-    async for piece in http.stream():
-        body += piece
-        if len(body) > limit:
-            raise ApiError(
-                413,
-                f"the request body is larger than this server accepts ({limit} bytes; see --max-body-mb)",
-                code="body_too_large",
-            )
-    return bytes(body)
-
-
-def build_requests(llm, body: bytes, endpoint: str, model_name: str) -> tuple[dict, list[Request]]:
-    """From the raw body to checked engine requests, or ApiError: JSON, the wire format's fields
-    (openai_api.parse), then each prompt tokenized (or a chat rendered) and each setting checked
-    (LLM.request, limits.py). n requests per prompt: choice j's seed is seed + j, so the choices differ and
-    each is reproducible; identical prompts make the scheduler prefill once and the others reuse it.
-    Runs in a worker thread: a long prompt takes seconds to tokenize, which the event loop must not wait for."""
-    try:
-        parsed = openai_api.parse(json.loads(body), endpoint, model_name)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    requests = []
-    for prompt in parsed["prompts"]:
-        try:
-            ids = llm.chat_ids(prompt) if endpoint == "chat" else llm.prompt_ids(prompt)
-            for j in range(parsed["n"]):
-                options = dict(parsed["options"])
-                if options.get("seed") is not None:
-                    options["seed"] += j
-                requests.append(llm.request(ids, **options))
-        except InvalidSetting as e:
-            raise ApiError(400, str(e), openai_api.FIELD_OF_OPTION.get(e.name, e.name)) from None
-        except MinillmError as e:
-            raise ApiError(400, str(e), "messages" if endpoint == "chat" else "prompt") from None
-    return parsed, requests
-
-
-async def generate(app: App, http: HttpRequest, endpoint: str):
-    app.check_key(http)
-    try:
-        body = await read_body(http, app.settings.max_body_bytes)
-    except ClientDisconnect:  # the client left while sending: nobody to answer
-        log.info("a client disconnected while sending its request")
-        return Response(status_code=499)
-    try:
-        parsed, requests = await asyncio.to_thread(build_requests, app.llm, body, endpoint, app.settings.model_name)
-    finally:
-        if len(body) >= TRIM_AFTER_BYTES:  # a large prompt's tokenizing left hundreds of MB with the allocator
-            await asyncio.to_thread(return_freed_memory)
-    max_waiting = app.settings.max_waiting
-    if max_waiting is not None and app.llm.stats().waiting + len(requests) > max_waiting:
-        raise ApiError(
-            429,
-            f"too many requests waiting (limit {max_waiting}); retry later",
-            kind="rate_limit_error",
-            code="queue_full",
-        )
-    queue: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for i, r in enumerate(requests):
-        r.pieces = _LoopSink(loop, queue, i)
-        app.engine.submit(r)
-    request_id = openai_api.new_id(endpoint)
-    if parsed["stream"]:
-        return StreamingResponse(
-            stream(app, requests, queue, endpoint, request_id, parsed), media_type="text/event-stream"
-        )
-    try:
-        remaining = len(requests)
-        while remaining:
-            _, item = await queue.get()
-            remaining -= item is DONE
-    finally:
-        app.abort_unfinished(requests)
-    failed = next((r for r in requests if r.error is not None), None)
-    if failed is not None:
-        raise ApiError(500, f"generation failed: {failed.error}", kind="server_error")
-    for r in requests:
-        app.metrics.finished(r)
-    completions = [r.completion() for r in requests]
-    return openai_api.response(endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text)
-
-
-async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str, parsed: dict):
-    """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
-    usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished."""
-    model_name = app.settings.model_name
-
-    def event(payload: dict) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    sent_logprobs = [0] * len(requests)
-    offsets = [0] * len(requests)
-    started = [False] * len(requests)
-
-    def logprobs(i: int):
-        r = requests[i]
-        if r.logprobs is None:
-            return None
-        items = r.token_logprobs[sent_logprobs[i] :]
-        sent_logprobs[i] += len(items)
-        out = openai_api.logprobs_json(items, endpoint, app.token_text, offsets[i])
-        if endpoint == "completions":
-            offsets[i] += sum(len(t) for t in out["tokens"])
-        return out
-
-    try:
-        remaining = len(requests)
-        while remaining:
-            i, item = await queue.get()
-            if item is DONE:
-                remaining -= 1
-                r = requests[i]
-                if r.error is not None:
-                    yield event(
-                        {
-                            "error": {
-                                "message": f"generation failed: {r.error}",
-                                "type": "server_error",
-                                "param": None,
-                                "code": None,
-                            }
-                        }
-                    )
-                    continue
-                app.metrics.finished(r)
-                yield event(
-                    openai_api.chunk(
-                        endpoint, request_id, model_name, i, None, r.finish_reason, logprobs(i), first=not started[i]
-                    )
-                )
-            else:
-                yield event(
-                    openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i), first=not started[i])
-                )
-            started[i] = True
-        if parsed["include_usage"]:
-            yield event(
-                openai_api.usage_chunk(
-                    endpoint, request_id, model_name, [r.completion() for r in requests], parsed["n"]
-                )
-            )
-        yield "data: [DONE]\n\n"
-    finally:
-        app.abort_unfinished(requests)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): Python and the
-    tokenizer free a large request's memory, but the allocator keeps it for the process otherwise."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def create_app(llm, settings: ServerOptions) -> FastAPI:
