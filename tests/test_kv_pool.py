@@ -101,3 +101,29 @@ def test_a_lone_requests_consecutive_slots_are_written_and_read_in_place(load):
     assert batch.write_run is None and batch.runs == [(4, 3), None]
     assert batch.write_slots.tolist() == [4, 5, 6, 3, 8] and batch.lengths.tolist() == [3, 3, 3, 3, 3]
     assert ForwardBatch(pool, [run], "cpu", views=False).runs == [None]
+
+
+def test_read_and_write_move_exactly_the_named_slots(load):
+    """write puts [layers, kv_heads, n, head_dim] keys and values in n slots, in order, and touches no other
+    slot; read gives copies of exactly what is there; slot_bytes measures one slot's keys and values."""
+    config = load("llama").config
+    pool = KVPool(config, 9, torch.bfloat16)
+    layers, kv_heads, _, head_dim = pool.keys.shape
+    keys = torch.randn(layers, kv_heads, 3, head_dim).bfloat16()
+    values = torch.randn(layers, kv_heads, 3, head_dim).bfloat16()
+    pool.keys.fill_(3.0)  # the buffers start uninitialized (maybe NaN, which equals nothing)
+    pool.values.fill_(-3.0)
+    before_keys, before_values = pool.keys.clone(), pool.values.clone()
+    slots = torch.tensor([7, 2, 5])
+    pool.write(slots, keys, values)
+    got_keys, got_values = pool.read(slots)
+    assert got_keys.dtype == torch.bfloat16 and got_keys.shape == (layers, kv_heads, 3, head_dim)
+    torch.testing.assert_close(got_keys, keys, atol=0, rtol=0)
+    torch.testing.assert_close(got_values, values, atol=0, rtol=0)
+    torch.testing.assert_close(pool.values[:, :, 2], values[:, :, 1], atol=0, rtol=0)  # slot 2 = 2nd
+    others = [s for s in range(9) if s not in (7, 2, 5)]
+    assert torch.equal(pool.keys[:, :, others], before_keys[:, :, others])
+    assert torch.equal(pool.values[:, :, others], before_values[:, :, others])
+    got_keys[:] = 0  # a copy: the pool keeps its keys
+    assert torch.equal(pool.read(slots)[0], keys)
+    assert pool.slot_bytes() == 2 * layers * kv_heads * head_dim * 2 == kv_bytes_per_token(config, torch.bfloat16)
