@@ -275,3 +275,27 @@ def test_the_sampler_counts_every_generated_token():
     sampler = Sampler(SamplingParams(repetition_penalty=1.5), prompt=[1, 2], vocab_size=8)
     sampler.record(3)
     assert sampler.seen.tolist() == [1, 2, 3] and sampler.counts is None
+
+
+def test_unsamplable_logits_are_refused_with_what_is_wrong():
+    sampler = Sampler(SamplingParams(temperature=0))
+    with pytest.raises(BadLogits, match=r"^the model's logits for this request contain NaN$"):
+        sampler(torch.tensor([[0.0, math.nan]]))
+    with pytest.raises(BadLogits, match=r"^the model gave every token a logit of -inf$"):
+        sampler(torch.full((1, 3), -math.inf))
+
+
+def test_the_inf_tokens_tie_whatever_the_penalties():
+    """Where the model gives some tokens +inf, only they remain, all alike (logit 0): a repetition penalty
+    cannot order them (0 / penalty is 0), so greedy takes the first of them, seen or not."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, math.inf, 5.0, math.inf]])
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), prompt=[3], vocab_size=6)
+    assert sampler(logits) == 3
+
+
+def test_a_history_passed_in_is_the_one_penalized():
+    """sampler(logits, seen): the ids given are penalized, not the sampler's own history."""
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=10.0), prompt=[2], vocab_size=4)
+    assert sampler(logits) == 1  # its own history: token 2
+    assert sampler(logits, torch.tensor([1])) == 2  # given: token 1
