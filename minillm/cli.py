@@ -19,7 +19,26 @@ from .options import ServerOptions
 def _options(args) -> dict:
     """The generation settings given as flags (the sampling ones are SamplingParams' fields that have a flag)."""
     sampling = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if hasattr(args, f.name)}
-    return dict(sampling, max_new_tokens=args.max_new_tokens, stop=args.stop, use_prefix_cache=not args.no_prefix_cache)
+    options = dict(
+        sampling, max_new_tokens=args.max_new_tokens, stop=args.stop, use_prefix_cache=not args.no_prefix_cache
+    )
+    if getattr(args, "json_schema", None) is not None:
+        options["json_schema"] = _read_text(args.json_schema, "JSON schema")
+    if getattr(args, "grammar", None) is not None:
+        options["grammar"] = _read_text(args.grammar, "grammar")
+    for name in ("regex", "choice"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    if hasattr(args, "max_whitespace"):
+        options["max_whitespace"] = args.max_whitespace
+    return options
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinillmError(f"cannot read the {what} file {path} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def load_llm(args):
@@ -64,7 +83,8 @@ def _stats_line(c, index: int) -> str:
     return (
         f"[{index}: {c.prompt_tokens} prompt tokens ({c.cached_tokens} cached, {c.computed_tokens} computed), "
         f"ttft {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, {len(c.token_ids)} new tokens, "
-        f"decode {c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]"
+        f"decode {c.decode_tok_s:.1f} tok/s{f', {c.forced_tokens} forced' if c.forced_tokens else ''}, "
+        f"finish: {c.finish_reason}]"
     )
 
 

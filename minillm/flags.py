@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from . import options
+from .engine.guidance import DEFAULT_MAX_WHITESPACE
 from .options import EngineOptions, LoadOptions, ServerOptions
 
 
@@ -87,6 +88,20 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
 
 
+def _add_structured_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("structured output (one of these; engine/constraint.py, needs minillm[structured])")
+    g.add_argument("--json-schema", type=Path, metavar="FILE", help="the output is JSON valid against this schema")
+    g.add_argument("--regex", help="the output matches this regular expression")
+    g.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
+    g.add_argument("--grammar", type=Path, metavar="FILE", help="the output follows this Lark grammar")
+    g.add_argument(
+        "--max-whitespace",
+        type=int,
+        default=DEFAULT_MAX_WHITESPACE,
+        help="JSON: whitespace characters allowed between two tokens (default %(default)s)",
+    )
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """Every command and its flags; description: the CLI's own (cli.py's docstring)."""
     parser = argparse.ArgumentParser(prog="python -m minillm", description=description)
@@ -101,6 +116,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     gen.add_argument("--system", help="system message for --chat (implies --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    _add_structured_options(gen)
     chat = commands.add_parser("chat", help="multi-turn chat; each turn reuses the conversation's KV")
     _add_model_options(chat)
     _add_sampling_options(chat)

@@ -66,6 +66,7 @@ LIMITS = {
     "seed": Limit(int, SEED_MIN, SEED_MAX, meaning="a 64-bit seed"),
     "max_new_tokens": Limit(int, 1),
     "logprobs": Limit(int, 0, MAX_LOGPROBS, meaning="alternatives per token"),
+    "max_whitespace": Limit(int, 0, 256, meaning="whitespace characters allowed between JSON tokens"),
 }
 
 

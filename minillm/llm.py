@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import numbers
 import weakref
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,12 +23,15 @@ import torch
 
 from . import limits, ranks
 from .engine.build import build_engine
+from .engine.constraint import Choice, Dormant
 from .engine.engine import EngineStats, RequestHandle
+from .engine.guidance import DEFAULT_MAX_WHITESPACE, GrammarCompiler
 from .engine.request import Completion, Request
 from .engine.runner import LocalRunner, Runner
 from .engine.sampling import Sampler, SamplingParams
 from .errors import MinillmError
 from .generation_config import GenerationDefaults
+from .limits import InvalidSetting
 from .loading.loader import load_model, resolve_model_dir
 from .model.config import DTYPES, ModelConfig, load_config
 from .model.model import CausalLM
@@ -76,6 +80,7 @@ class LLM:
         self.device = device
         self.dtype = model.model.norm.weight.dtype  # the model's dtype (norms are never packed or quantized)
         self.exact = exact  # see exact.py: bitwise the same logits with the cache on or off, alone or batched
+        self._grammars: GrammarCompiler | None = None
         self.configure(**engine_options)
 
     @classmethod
@@ -205,10 +210,13 @@ class LLM:
             )
         return ids
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation rendered by the checkpoint's chat template (checked as prompt_ids checks
-        ids: not empty, within the context and the KV pool)."""
-        text = self.tokenizer.apply_chat_template(messages)
+        ids: not empty, within the context and the KV pool). tools: OpenAI-style function specs the template
+        shows the model (refused if the template has no place for them)."""
+        if tools is not None and "tools" not in (self.tokenizer.chat_template or ""):
+            raise MinillmError("this model's chat template does not show tools to the model; send no 'tools'")
+        text = self.tokenizer.apply_chat_template(messages, **({"tools": tools} if tools is not None else {}))
         return self.prompt_ids(self._text_ids(text, *self._prompt_limit(in_pool=True), special_tokens=False))
 
     def _prompt_limit(self, in_pool: bool) -> tuple[int, str]:
@@ -245,6 +253,12 @@ class LLM:
         return_logits: bool = False,
         logprobs: int | None = None,
         ignore_eos: bool = False,
+        json_schema: dict | str | None = None,
+        regex: str | None = None,
+        choice: list[str] | None = None,
+        grammar: str | None = None,
+        grammar_trigger: int | None = None,
+        max_whitespace: int = DEFAULT_MAX_WHITESPACE,
         **sampling_options,
     ) -> Request:
         """A checked request: options as in generate(); bad settings are reported here, before anything runs."""
@@ -266,6 +280,7 @@ class LLM:
             ("ignore_eos", ignore_eos),
         ):
             limits.check_flag(name, flag)
+        make_constraint = self._constraint(json_schema, regex, choice, grammar, grammar_trigger, max_whitespace)
         ids = self.prompt_ids(prompt)
         eos_ids = set() if ignore_eos else set(self.defaults.eos_token_ids)
         return Request(
@@ -278,7 +293,55 @@ class LLM:
             use_prefix_cache,
             return_logits,
             logprobs,
+            make_constraint() if make_constraint is not None else None,
         )
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar backend for this model (engine/guidance.py): its tokenizer index is built on first use."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer.path.read_text(encoding="utf-8"), self.config.vocab_size, self.defaults.eos_token_ids
+            )
+        return self._grammars
+
+    def _constraint(self, json_schema, regex, choice, grammar, trigger, max_whitespace) -> Callable | None:
+        """What the output must look like, as a maker of fresh Constraints (engine/constraint.py), checked and
+        compiled now (the compiled grammar is cached by its text); None if unconstrained."""
+        given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
+                                   ("grammar", grammar)) if v is not None}  # fmt: skip
+        if len(given) > 1:
+            raise InvalidSetting(next(iter(given)), f"give one constraint, not {' and '.join(given)}")
+        limits.check("max_whitespace", max_whitespace)
+        if trigger is not None and (
+            grammar is None or not _is_token_id(trigger) or not 0 <= trigger < self.config.vocab_size
+        ):
+            raise InvalidSetting("grammar_trigger", "grammar_trigger must be a token id, given with a grammar")
+        if not given:
+            return None
+        vocab = self.config.vocab_size
+        ((name, value),) = given.items()
+        if name == "choice":
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
+                raise InvalidSetting(name, "choice must be a list of non-empty strings")
+            ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in value]
+            if not all(ids):
+                raise InvalidSetting(name, "a choice encodes to no tokens at all")
+            return lambda: Choice(ids, vocab)
+        if name != "json_schema" and (not isinstance(value, str) or not value):
+            raise InvalidSetting(name, f"{name} must be a non-empty string, got {value!r:.60}")
+        try:
+            if name == "json_schema":
+                compiled = self.grammars.json_schema(value, max_whitespace)
+            else:
+                compiled = self.grammars.regex(value) if name == "regex" else self.grammars.lark(value)
+        except InvalidSetting:
+            raise
+        except MinillmError as e:
+            raise InvalidSetting(name, str(e)) from None
+        if trigger is not None:
+            return lambda: Dormant(trigger, lambda: self.grammars.constraint(compiled))
+        return lambda: self.grammars.constraint(compiled)
 
     def submit(self, prompt: str | list[int], **options) -> RequestHandle:
         """Queue a request in the engine; iterate the handle for its text, or call .result()."""

@@ -59,6 +59,7 @@ class Tokenizer:
             raise MinillmError(
                 f"{folder} has no tokenizer.json; minillm needs the fast-tokenizer file of the checkpoint"
             )
+        self.path = path  # tokenizer.json (the grammar backend reads it too: engine/guidance.py)
         try:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exceptions for malformed files

@@ -415,6 +415,7 @@ def test_a_completion_reports_its_rates_and_fields():
         prefill_s=2.0,
         ttft_s=2.5,
         decode_s=4.0,
+        forced_tokens=1,
     )
     assert c.prefill_tok_s == 5.0 and c.decode_tok_s == 0.5  # 2 decode steps in 4 s (the first token: prefill)
     assert c.to_dict() == {
@@ -424,6 +425,7 @@ def test_a_completion_reports_its_rates_and_fields():
         "finish_reason": "length",
         "cached_tokens": 2,
         "computed_tokens": 10,
+        "forced_tokens": 1,
         "ttft_s": 2.5,
         "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5},
     }

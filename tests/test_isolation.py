@@ -209,9 +209,52 @@ FIELDS = [
     "model",
     "stream_options",
     "user",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ]
+# shapes close to legal for the structured fields, so the fuzz reaches past their first check
+SCHEMA = st.fixed_dictionaries(
+    {"type": st.sampled_from(["object", "string", "integer", "array", "nope"])},
+    optional={
+        "properties": st.dictionaries(st.text(max_size=4), JSON, max_size=2),
+        "enum": JSON,
+        "pattern": st.text(max_size=6),
+    },
+)
+NEAR = {
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_object", "json_schema", "text", "xml"])},
+        optional={"json_schema": st.fixed_dictionaries({}, optional={"schema": SCHEMA | JSON})},
+    ),
+    "guided_json": SCHEMA,
+    "guided_regex": st.text(alphabet="ab()[]{}*+?|0-9\\.", max_size=10),
+    "guided_choice": st.lists(st.text(max_size=5), max_size=3),
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {
+                "type": st.just("function"),
+                "function": st.fixed_dictionaries(
+                    {"name": st.sampled_from(["f", "g", ""])}, optional={"parameters": SCHEMA | JSON}
+                ),
+            }
+        ),
+        max_size=2,
+    ),  # fmt: skip
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]),
+}
+VALUE = {name: (NEAR[name] | JSON) if name in NEAR else JSON for name in FIELDS}
 GOOD = {"prompt": "The quick", "messages": [{"role": "user", "content": "hi"}]}
-BODY = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(lambda b: {**GOOD, **b})
+BODY = (
+    st.lists(st.sampled_from(FIELDS), max_size=6, unique=True)
+    .flatmap(lambda names: st.fixed_dictionaries({n: VALUE[n] for n in names}))
+    .map(lambda b: {**GOOD, **b})
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -221,8 +264,8 @@ def test_any_json_body_is_built_into_requests_or_refused_with_a_4xx(load, body, 
     sampler accepts) or raises the API's own 4xx error: never another exception, which would be a 500."""
     import json
 
-    from minillm.serving.openai_api import ApiError
     from minillm.serving.handler import build_requests
+    from minillm.serving.openai_api import ApiError
 
     llm = load("llama")
     try:
@@ -230,5 +273,8 @@ def test_any_json_body_is_built_into_requests_or_refused_with_a_4xx(load, body, 
     except ApiError as e:
         assert 400 <= e.status < 500 and e.message
         return
-    for r in requests:  # what was accepted can be sampled from
-        assert r.sampler(torch.zeros(1, llm.config.vocab_size)) in range(llm.config.vocab_size)
+    for r in requests:  # what was accepted can be sampled from, within its constraint if it has one
+        logits = torch.zeros(1, llm.config.vocab_size)
+        if r.constraint is not None and not r.constraint.forced():
+            logits = r._masked(logits)
+        assert r.sampler(logits) in range(llm.config.vocab_size)

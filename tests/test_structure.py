@@ -15,10 +15,11 @@ READING_ORDER = [
     "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.loader",
     "tokenizer",
     "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
-    "engine.sampling", "engine.request", "engine.plan", "engine.kv_manager", "engine.scheduler",
+    "engine.sampling", "engine.constraint", "engine.guidance", "engine.request", "engine.plan", "engine.kv_manager",
+    "engine.scheduler",
     "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
     "ranks", "options", "engine.build", "generation_config", "llm",
-    "serving.openai_api", "serving.metrics", "serving.handler", "serving.server",
+    "serving.openai_api", "serving.structured", "serving.metrics", "serving.handler", "serving.server",
     "verify", "flags", "cli",
 ]
 # fmt: on

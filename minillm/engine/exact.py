@@ -18,7 +18,10 @@ So exact mode makes every shape a function of absolute position alone, never of 
   * the prefix cache is reused only in whole chunks (a match is rounded down to a multiple of C), so a
     warm run recomputes exactly the chunks a cold run computes, on identical inputs;
   * only prompt KV goes into the cache: decode rows run other shapes than prefill, so their KV is not what
-    a prefill of the same tokens would give (a preempted request recomputes its output tokens as decode rows).
+    a prefill of the same tokens would give (a preempted request recomputes its output tokens as decode rows);
+  * several positions of one request computed in one step (tokens a constraint forced, a replay) are
+    several decode rows, each as it would be in a step of its own: a row attends over the KV its
+    predecessors wrote earlier in the same forward, layer by layer, with the shapes of a lone decode row.
 By induction over chunks and steps, every KV a request reads is bitwise what a lone cold run computes, hence
 so are its logits and its (greedy or seeded) tokens.
 
@@ -50,8 +53,10 @@ def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Se
     it samples nothing)."""
     out, decode = [], []
     for w in works:
-        if w.length == 1 and w.start >= len(w.request.prompt):
-            decode.append((segment(w, logits=True), w if w.sample else None))
+        if w.start >= len(w.request.prompt):  # decode rows: one per position, each as a lone decode step
+            for p in range(w.start, w.start + w.length):
+                last = p == w.start + w.length - 1
+                decode.append((segment(w, p, 1, logits=True), w if w.sample and last else None))
             continue
         assert w.start % chunk == 0, "exact prefill must start on a chunk boundary"
         for start in range(w.start, w.start + w.length, chunk):

@@ -4,7 +4,7 @@ The scheduler decides who runs and how much (scheduler.py); this file keeps the 
 
     prefetch(r)         continue r's prompt lookup on disk, past what the tree holds, into the pool and tree
     admit(r, headroom)  match r's tokens in the tree, lock the match, allocate slots for the rest
-    reserve_next(r)     a slot for r's next decode position
+    reserve(r, n)       slots for r's next decode positions
     ensure_free(n)      evict unlocked cached prefixes, least recently used first (to disk, with a tier)
     cache_prompt(r)     r's prompt KV is complete: into the tree now, so requests arriving while r decodes
                         reuse it
@@ -121,12 +121,13 @@ class KVManager:
         r.num_allocated = r.num_tokens
         return True
 
-    def reserve_next(self, r: Request) -> bool:
-        """A slot for r's next position (evicting if needed); False if none can be had."""
-        if not self.ensure_free(1):
+    def reserve(self, r: Request, count: int) -> bool:
+        """Slots for r's next `count` positions (evicting if needed); False (nothing changed) if they cannot
+        all be had."""
+        if not self.ensure_free(count):
             return False
-        r.slot_table[r.num_allocated] = self.pool.alloc(1)[0]
-        r.num_allocated += 1
+        r.slot_table[r.num_allocated : r.num_allocated + count] = self.pool.alloc(count)
+        r.num_allocated += count
         return True
 
     # -- a request's KV is complete, or it leaves -----------------------------------------------------

@@ -1,6 +1,6 @@
 """One request's life in the engine: its tokens, where their KV lives, how it picks tokens and streams text.
 
-    waiting --admit--> running (prefill chunks, then one decode row per step) --> finished
+    waiting --admit--> running (prefill chunks, then a decode row per step) --> finished
        ^                  |
        +----preempt-------+   (its KV goes to the tree, its slots are freed; it resumes later)
 
@@ -10,7 +10,8 @@ KV bookkeeping, positions of `tokens` (prompt, then generated):
     [0, num_computed)            positions whose KV is in the pool
 `slot_table[p]` is the pool slot of position p. A preempted request keeps its generated tokens, sampler
 state and streamed text; on resuming it recomputes (or finds in the tree) their KV, feeding the generated
-tokens back as decode rows without sampling ("replay"), so its output is what it would have been.
+tokens back as decode rows ("replay"), so its output is what it would have been. A decode step computes every
+position not yet computed: the last token, plus any a constraint forced after it (or a replay's tokens).
 
 Text pieces travel through a thread-safe queue (`pieces`, ended by DONE), so a server's handler threads can
 read them while one engine thread steps; the caller holds an engine.RequestHandle over it.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..tokenizer import StopStrings, StreamDecoder
+from .constraint import Constraint, mask_logits
 from .sampling import Sampler
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class Completion:
     decode_s: float = 0.0  # time of every step after the first token
     logits: torch.Tensor | None = None  # [new tokens, vocab] float32 raw logits of each step, if asked for
     logprobs: list[TokenLogprob] | None = None  # per generated token, if asked for
+    forced_tokens: int = 0  # output tokens a constraint forced: appended without a forward of their own
 
     @property
     def prefill_tok_s(self) -> float:
@@ -78,6 +81,7 @@ class Completion:
             "finish_reason": self.finish_reason,
             "cached_tokens": self.cached_tokens,
             "computed_tokens": self.computed_tokens,
+            "forced_tokens": self.forced_tokens,
             "ttft_s": self.ttft_s,
             "timings": {
                 "prefill_s": self.prefill_s,
@@ -101,8 +105,12 @@ class Request:
         use_prefix_cache: bool,
         return_logits: bool,
         logprobs: int | None,
+        constraint: Constraint | None = None,
     ):
-        """logprobs: record each generated token's logprob and this many top alternatives (None: off)."""
+        """logprobs: record each generated token's logprob and this many top alternatives (None: off).
+        constraint: what the output must look like (constraint.py). Its forced tokens are taken without
+        sampling, and appended together so that one step computes their KV (skip_forced), unless logprobs or
+        logits are wanted: a token appended that way has no logits of its own."""
         self.id = next(_ids)
         self.prompt = prompt
         self.generated: list[int] = []
@@ -114,6 +122,9 @@ class Request:
         self.step_logits: list[torch.Tensor] = []
         self.logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []
+        self.constraint = constraint
+        self.skip_forced = constraint is not None and logprobs is None and not return_logits
+        self.forced_tokens = 0  # output tokens appended without a forward of their own (forced by the constraint)
 
         self.slot_table = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.int64)  # position -> pool slot
         self.node: Node | None = None  # locked end of the cached prefix
@@ -156,11 +167,15 @@ class Request:
     # -- choosing tokens ------------------------------------------------------------------------------
 
     def accept(self, logits: torch.Tensor) -> None:
-        """The step computed the logits [1, vocab] (float32) of this request's last token: pick the next token,
-        stream its text, and decide whether the request is done."""
+        """The step computed the logits [1, vocab] (float32) of this request's last token: pick the next token
+        (within the constraint, if any), stream its text, and decide whether the request is done. Then append
+        the tokens the constraint forces, if any: the next step computes their KV together."""
         if self.return_logits:
             self.step_logits.append(logits)
-        token = self.sampler(logits)
+        forced = self.constraint.forced() if self.constraint is not None else []
+        # a forced token is taken as it is: no draw from the sampler's generator, so a seeded request's later
+        # draws are the same whether its forced tokens come one step at a time or together
+        token = forced[0] if forced else self.sampler(logits if self.constraint is None else self._masked(logits))
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits[0], dim=-1)
             top = logprobs.topk(self.logprobs) if self.logprobs else None
@@ -171,17 +186,42 @@ class Request:
                     [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
                 )
             )
+        self._append(token)
+        while self.skip_forced and not self.finished:
+            forced = self.constraint.forced()
+            for t in forced:
+                self.forced_tokens += 1
+                if self._append(t):
+                    break
+            if not forced:
+                break
+
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits with every token the constraint does not allow now at -inf (EOS only where it may end)."""
+        c = self.constraint
+        allowed = c.allowed()
+        if allowed is None and c.can_end:
+            return logits
+        if allowed is None:
+            allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
+        return mask_logits(logits, allowed, self.eos_ids, c.can_end)
+
+    def _append(self, token: int) -> bool:
+        """token is the next output token: record it, stream its text; True if the request is now finished."""
         self.generated.append(token)
         self.token_times.append(time.perf_counter())
         self.sampler.record(token)
         if token in self.eos_ids:
             self.finish("stop")
-            return
+            return True
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self._emit(self.stops.feed(self.detok.push(token)))
-        if self.stops.stopped:
+        if self.stops.stopped or (self.constraint is not None and self.constraint.done):
             self.finish("stop")
         elif len(self.generated) == self.max_new_tokens:
             self.finish("length")
+        return self.finished
 
     def _emit(self, piece: str) -> None:
         if piece:
@@ -215,4 +255,5 @@ class Request:
             decode_s=self.finish_time - first,
             logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
             logprobs=list(self.token_logprobs) if self.logprobs is not None else None,
+            forced_tokens=self.forced_tokens,
         )

@@ -80,17 +80,18 @@ class Scheduler:
                 work.append(Work(r, start, end - start, sample=end == r.num_tokens))
                 budget -= end - start
         for r in self.running:
-            if not r.in_prefill:
-                work.append(Work(r, r.num_computed, 1, sample=r.num_computed == r.num_tokens - 1))
+            if not r.in_prefill:  # every position not yet computed: the last token, and any forced after it
+                work.append(Work(r, r.num_computed, r.num_tokens - r.num_computed, sample=True))
         return work
 
     def _reserve_decode_slots(self) -> None:
-        """Give each running request past its prompt a slot for its next position, preempting the newest
-        requests while the pool (after eviction) is short."""
+        """Give each running request past its prompt slots for its positions still without one (its next
+        token, and any tokens a constraint forced), preempting the newest requests while the pool (after
+        eviction) is short."""
         for r in list(self.running):
-            if r.in_prefill or r.num_allocated > r.num_computed or r not in self.running:
+            if r.in_prefill or r.num_allocated == r.num_tokens or r not in self.running:
                 continue
-            while r in self.running and not self.kv.reserve_next(r):
+            while r in self.running and not self.kv.reserve(r, r.num_tokens - r.num_allocated):
                 victim = self.running[-1]
                 if victim is r and len(self.running) == 1:
                     self.release(r)  # alone and still no room: the pool is full

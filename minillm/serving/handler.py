@@ -18,7 +18,7 @@ from ..engine.request import DONE, Request
 from ..errors import MinillmError
 from ..limits import InvalidSetting
 from ..options import ServerOptions
-from . import openai_api
+from . import openai_api, structured
 from .metrics import Metrics
 from .openai_api import ApiError
 
@@ -97,25 +97,43 @@ def build_requests(llm, body: bytes, endpoint: str, model_name: str) -> tuple[di
     each is reproducible; identical prompts make the scheduler prefill once and the others reuse it.
     Runs in a worker thread: a long prompt takes seconds to tokenize, which the event loop must not wait for."""
     try:
-        parsed = openai_api.parse(json.loads(body), endpoint, model_name)
+        data = json.loads(body)
+        parsed = openai_api.parse(data, endpoint, model_name)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply") from None
+    constraint = structured.constraint_options(data)
+    tools = parsed["tools"] = structured.parse_tools(data) if endpoint == "chat" else None
+    if tools is not None and tools.active:
+        if constraint:
+            raise ApiError(400, "an output constraint cannot be combined with tools", "response_format")
+        constraint = tools.constraint_options(llm.tokenizer)
     requests = []
     for prompt in parsed["prompts"]:
         try:
-            ids = llm.chat_ids(prompt) if endpoint == "chat" else llm.prompt_ids(prompt)
+            if endpoint == "chat":
+                ids = llm.chat_ids(prompt, tools.tools if tools is not None and tools.active else None)
+            else:
+                ids = llm.prompt_ids(prompt)
             for j in range(parsed["n"]):
-                options = dict(parsed["options"])
+                options = dict(parsed["options"], **constraint)
                 if options.get("seed") is not None:
                     options["seed"] += j
                 requests.append(llm.request(ids, **options))
         except InvalidSetting as e:
-            raise ApiError(400, str(e), openai_api.FIELD_OF_OPTION.get(e.name, e.name)) from None
+            field = openai_api.FIELD_OF_OPTION.get(e.name, e.name)
+            if field in ("json_schema", "regex", "choice", "grammar", "grammar_trigger"):  # from a body field
+                field = "tools" if tools is not None and tools.active else _constraint_field(data)
+            raise ApiError(400, str(e), field) from None
         except MinillmError as e:
             raise ApiError(400, str(e), "messages" if endpoint == "chat" else "prompt") from None
     return parsed, requests
+
+
+def _constraint_field(data: dict) -> str:
+    """The body field a constraint came from (for a 400's param)."""
+    return next((f for f in openai_api.CONSTRAINT_FIELDS if data.get(f) is not None), "response_format")
 
 
 async def generate(app: App, http: HttpRequest, endpoint: str):
@@ -161,13 +179,20 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
     for r in requests:
         app.metrics.finished(r)
     completions = [r.completion() for r in requests]
-    return openai_api.response(endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text)
+    tools = parsed["tools"]
+    replies = [structured.split_tool_calls(c.text) for c in completions] if tools and tools.active else None
+    return openai_api.response(
+        endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text, replies
+    )
 
 
 async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str, parsed: dict):
     """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
-    usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished."""
+    usage if asked for, then [DONE]. Leaving early (the client went away) aborts what is unfinished. With
+    tools, prose goes out as it comes but a tool call is held back until the reply ends, then sent whole as
+    one tool_calls delta (what OpenAI's clients accumulate), with finish_reason "tool_calls"."""
     model_name = app.settings.model_name
+    tools = parsed["tools"] is not None and parsed["tools"].active
 
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -175,6 +200,7 @@ async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoi
     sent_logprobs = [0] * len(requests)
     offsets = [0] * len(requests)
     started = [False] * len(requests)
+    texts, shown = [""] * len(requests), [0] * len(requests)  # with tools: each reply so far, and prose sent
 
     def logprobs(i: int):
         r = requests[i]
@@ -187,11 +213,26 @@ async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoi
             offsets[i] += sum(len(t) for t in out["tokens"])
         return out
 
+    def chunk(i: int, text: str | None, finish: str | None = None, calls: list[dict] | None = None) -> str:
+        payload = openai_api.chunk(
+            endpoint, request_id, model_name, i, text, finish, logprobs(i), first=not started[i], tool_calls=calls
+        )
+        started[i] = True
+        return event(payload)
+
     try:
         remaining = len(requests)
         while remaining:
             i, item = await queue.get()
-            if item is DONE:
+            if item is not DONE and tools:
+                texts[i] += item
+                cut = structured.safe_prefix(texts[i])
+                if cut > shown[i]:
+                    yield chunk(i, texts[i][shown[i] : cut])
+                    shown[i] = cut
+            elif item is not DONE:
+                yield chunk(i, item)
+            else:
                 remaining -= 1
                 r = requests[i]
                 if r.error is not None:
@@ -207,16 +248,14 @@ async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoi
                     )
                     continue
                 app.metrics.finished(r)
-                yield event(
-                    openai_api.chunk(
-                        endpoint, request_id, model_name, i, None, r.finish_reason, logprobs(i), first=not started[i]
-                    )
-                )
-            else:
-                yield event(
-                    openai_api.chunk(endpoint, request_id, model_name, i, item, None, logprobs(i), first=not started[i])
-                )
-            started[i] = True
+                calls = structured.split_tool_calls(texts[i])[1] if tools else []
+                if calls:
+                    yield chunk(i, None, calls=calls)
+                    yield chunk(i, None, "tool_calls" if r.finish_reason == "stop" else r.finish_reason)
+                    continue
+                if texts[i][shown[i] :]:  # held back as a possible call's start, and prose after all
+                    yield chunk(i, texts[i][shown[i] :])
+                yield chunk(i, None, r.finish_reason)
         if parsed["include_usage"]:
             yield event(
                 openai_api.usage_chunk(

@@ -24,11 +24,14 @@ OPTION_OF_FIELD = {
     **{f.name: f.name for f in fields(SamplingParams)},  # the sampling settings keep their names
 }
 # Fields that change nothing about the result; accepted and not used.
-IGNORED = {"user", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls"}
-COMMON = {"model", "stop", "n", "stream", "logprobs", "ignore_eos", *OPTION_OF_FIELD}
+IGNORED = {"user", "stream_options", "metadata", "store", "service_tier"}
+# Fields that constrain the reply, and tools (read by structured.py)
+CONSTRAINT_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
+TOOL_FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}
+COMMON = {"model", "stop", "n", "stream", "logprobs", "ignore_eos", *OPTION_OF_FIELD, *CONSTRAINT_FIELDS}
 FIELDS = {
     "completions": COMMON | {"prompt", "echo", "suffix", "best_of"},
-    "chat": COMMON | {"messages", "top_logprobs"},
+    "chat": COMMON | {"messages", "top_logprobs", *TOOL_FIELDS},
 }
 MAX_N = 16
 MAX_STOPS = 4  # OpenAI's limit
@@ -145,8 +148,11 @@ def _prompts(body: dict, endpoint: str) -> list:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ApiError(400, "each message must be an object with string 'role' and 'content'", "messages")
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, "each message must be an object with a string 'role'", "messages")
+            calls = m.get("tool_calls")  # an assistant's earlier calls: content may be null
+            if not (isinstance(m.get("content"), str) or (m.get("content") is None and isinstance(calls, list))):
+                raise ApiError(400, "each message needs a string 'content' (or 'tool_calls')", "messages")
         return [messages]
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -215,19 +221,26 @@ def logprobs_json(items: list[TokenLogprob], endpoint: str, token_text, offset: 
     }
 
 
-def response(endpoint: str, request_id: str, model: str, completions: list[Completion], n: int, token_text) -> dict:
+def response(
+    endpoint: str,
+    request_id: str,
+    model: str,
+    completions: list[Completion],
+    n: int,
+    token_text,
+    replies: list[tuple[str | None, list[dict]]] | None = None,
+) -> dict:
+    """replies: each chat choice's (content, tool calls), where the request had tools (structured.py)."""
     choices = []
     for index, c in enumerate(completions):
         lp = logprobs_json(c.logprobs, endpoint, token_text) if c.logprobs is not None else None
         if endpoint == "chat":
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": lp,
-                    "finish_reason": c.finish_reason,
-                }
-            )
+            content, calls = replies[index] if replies else (c.text, [])
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {
@@ -249,10 +262,13 @@ def chunk(
     finish_reason: str | None = None,
     logprobs: dict | None = None,
     first: bool = False,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
-    """One server-sent event's payload: a piece of one choice's text, or its end."""
+    """One server-sent event's payload: a piece of one choice's text, its tool calls, or its end."""
     if endpoint == "chat":
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        if tool_calls:  # whole calls, each with its index among the reply's calls (OpenAI's delta form)
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
