@@ -110,6 +110,26 @@ def test_a_failure_while_streaming_a_token_fails_only_that_request(load):
     assert handles[1].result().finish_reason == "length"
 
 
+def test_a_failure_in_the_texts_tail_at_the_end_fails_that_request_with_its_error(load):
+    """Finishing releases the text held back (a possible stop string, an incomplete character): if that fails,
+    the request ends with "error" and that error, and its stream still gets DONE."""
+    llm = load("llama")
+    llm.configure()
+    requests = [llm.request(p, max_new_tokens=3, temperature=0, ignore_eos=True) for p in PROMPTS[:2]]
+
+    def broken_flush():
+        raise ValueError("planted tail failure")
+
+    requests[0].detok.flush = broken_flush
+    handles = [llm.engine.submit(r) for r in requests]
+    step_all(llm, handles)
+    assert requests[0].finish_reason == "error" and str(requests[0].error) == "planted tail failure"
+    with pytest.raises(ValueError, match="planted tail failure"):  # its stream ends (DONE came), with the error
+        list(handles[0])
+    assert handles[1].result().finish_reason == "length"
+    llm.check_invariants()
+
+
 def test_a_failed_forward_fails_the_batch_and_leaves_the_pool_consistent(load, monkeypatch):
     llm = load("llama")
     expected = alone(llm, PROMPTS[0], max_new_tokens=6, temperature=0)

@@ -107,7 +107,7 @@ def build_requests(llm, body: bytes, endpoint: str, model_name: str) -> tuple[di
     tools = parsed["tools"] = structured.parse_tools(data) if endpoint == "chat" else None
     if tools is not None and tools.active:
         if constraint:
-            raise ApiError(400, "an output constraint cannot be combined with tools", "response_format")
+            raise ApiError(400, "an output constraint cannot be combined with tools", _constraint_field(data))
         constraint = tools.constraint_options(llm.tokenizer)
     requests = []
     for prompt in parsed["prompts"]:
