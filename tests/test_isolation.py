@@ -57,7 +57,7 @@ def alone(llm, prompt, **options):
         (lambda logits: torch.full_like(logits, -math.inf), BadLogits),  # nothing can be sampled
     ],
 )
-def test_a_failing_row_ends_its_request_alone(load, spoil, error):
+def test_a_failing_row_ends_its_request_alone(load, spoil, error, caplog):
     llm = load("llama")
     options = dict(max_new_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
     expected = [alone(llm, p, **options) for p in PROMPTS]
@@ -65,9 +65,13 @@ def test_a_failing_row_ends_its_request_alone(load, spoil, error):
     requests = [llm.request(p, **options) for p in PROMPTS]
     requests[1].sampler = FailingSampler(requests[1].sampler, at=3, spoil=spoil)
     handles = [llm.engine.submit(r) for r in requests]
-    step_all(llm, handles)
+    with caplog.at_level("WARNING", logger="minillm.engine"):
+        step_all(llm, handles)
     assert requests[1].finish_reason == "error" and isinstance(requests[1].error, error)
     assert len(requests[1].generated) == 2  # two tokens, then its third step failed
+    logged = [r.getMessage() for r in caplog.records if r.name == "minillm.engine"]  # one line, naming it
+    assert logged == [f"request {requests[1].id} failed in its own part of a step ({requests[1].error!r}); the "
+                      "other requests go on"]  # fmt: skip
     with pytest.raises(error):
         handles[1].result()
     for i in (0, 2, 3):
