@@ -441,3 +441,33 @@ def test_every_forward_goes_through_the_runner(load, monkeypatch):
     monkeypatch.setattr(llm, "engine", led)
     llm.generate(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True)
     assert calls == [1, 1, 1]
+
+
+def test_engine_stats_count_what_runs_waits_and_is_cached(load, tmp_path):
+    """Engine.stats(): the numbers /metrics and the CLI report, each against the state it counts."""
+    from types import SimpleNamespace
+
+    from minillm.engine.engine import EngineStats
+
+    llm = load("llama", engine=dict(max_batch=1, kv_tokens=64))
+    engine = llm.engine
+    assert engine.stats() == EngineStats(0, 0, 64, 0, 0, 0.0, 0, None)
+    handles = [llm.submit(list(range(2, 12)), max_new_tokens=3, temperature=0, ignore_eos=True) for _ in range(2)]
+    engine.step()  # one admitted (max_batch 1), one waiting
+    s = engine.stats()
+    assert (s.running, s.waiting, s.kv_slots_total) == (1, 1, 64)
+    assert s.kv_slots_used == 64 - engine.pool.free_slots == 10  # the prompt (the new token: a slot next step)
+    for h in handles:
+        h.result()
+    s = engine.stats()
+    assert (s.running, s.waiting, s.preemptions, s.disk) == (0, 0, 0, None)
+    assert s.kv_slots_cached == llm.prefix_cache.total_tokens > 0 and s.kv_slots_used == s.kv_slots_cached
+    assert s.prefix_cache_hit_rate == llm.prefix_cache.stats.hit_rate > 0  # the second prompt found the first's
+    engine.kv.disk = SimpleNamespace(enabled=True, dir=tmp_path, page=4, pages_read=2, read_s=0.5,
+                                     pages_written=3, write_s=0.25)  # fmt: skip
+    assert engine.stats().disk == {
+        "dir": str(tmp_path), "tokens_read": 8, "read_s": 0.5, "tokens_written": 12, "write_s": 0.25
+    }  # fmt: skip
+    engine.kv.disk.enabled = False  # turned off after an error: no traffic reported
+    assert engine.stats().disk is None
+    engine.kv.disk = None
