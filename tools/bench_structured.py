@@ -138,13 +138,13 @@ def _tok_s(llm, batch: int, schema: dict | None, tokens: int, seed: int) -> floa
     return steps / max(max(c.ttft_s + c.decode_s for c in done) - first, 1e-9)
 
 
-def speed(model: str, rounds: int) -> dict:
+def speed(model: str, rounds: int, batches: list[int]) -> dict:
     llm = LLM.load(model)
     # a string far longer than the run, so every request (constrained or free) decodes all its tokens
     schema = {"type": "object", "properties": {"notes": {"type": "string", "minLength": 4000}}, "required": ["notes"]}
     llm.generate(PROMPT, json_schema=schema, max_new_tokens=4)  # the tokenizer index and the grammar, built once
     out = {"model": model, "vocab": llm.config.vocab_size, "tokens": 32}
-    for batch in (1, 8):
+    for batch in batches:
         ratios, best = [], {"json_schema": 0.0, "free": 0.0}
         for i in range(rounds):
             order = ("free", "json_schema") if i % 2 == 0 else ("json_schema", "free")
@@ -193,13 +193,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-model", help="checkpoint for the speed part (skipped if not given)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", default="1,8", help="speed: how many requests at once, comma-separated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
     report.update(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                   python=platform.python_version())  # fmt: skip
     if args.speed_model:
-        report["speed"] = speed(args.speed_model, args.rounds)
+        batches = [int(b) for b in args.batches.split(",")]
+        report["speed"] = {**report.get("speed", {}), **speed(args.speed_model, args.rounds, batches)}
         print(json.dumps(report["speed"]), flush=True)
     else:
         report["forced"] = forced()
