@@ -34,7 +34,7 @@ class ConstraintError(MinillmError):
 class Constraint(Protocol):
     def allowed(self) -> torch.Tensor | None:
         """[vocab] bool: the tokens that may come next (end-of-sequence tokens are the caller's: see
-        can_end), or None when nothing is restricted now."""
+        can_end), or None when nothing is restricted now (EOS included: the output may end here)."""
         ...
 
     @property
@@ -65,7 +65,7 @@ class Constraint(Protocol):
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor, eos_ids: set[int], can_end: bool) -> torch.Tensor:
     """logits [1, vocab] with every token outside `allowed` at -inf; the EOS tokens allowed exactly when the
     output may end here. A new tensor: the caller's raw logits (logprobs, return_logits) stay as they were."""
-    out = torch.where(allowed[None, : logits.shape[-1]], logits, _MINUS_INF)  # 73 us for 151,936 tokens here
+    out = torch.where(allowed[None, : logits.shape[-1]], logits, _MINUS_INF)  # 73-100 us for 151,936 tokens here
     for eos in eos_ids:
         if eos < logits.shape[-1]:
             out[0, eos] = logits[0, eos] if can_end else -math.inf

@@ -198,13 +198,10 @@ class Request:
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """logits with every token the constraint does not allow now at -inf (EOS only where it may end)."""
-        c = self.constraint
-        allowed = c.allowed()
-        if allowed is None and c.can_end:
+        allowed = self.constraint.allowed()
+        if allowed is None:  # nothing restricted (a dormant constraint): the logits as they are
             return logits
-        if allowed is None:
-            allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
-        return mask_logits(logits, allowed, self.eos_ids, c.can_end)
+        return mask_logits(logits, allowed, self.eos_ids, self.constraint.can_end)
 
     def _append(self, token: int) -> bool:
         """token is the next output token: record it, stream its text; True if the request is now finished."""
