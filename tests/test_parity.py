@@ -142,14 +142,16 @@ def test_bf16_checkpoint_error_no_worse_than_transformers(checkpoint):
         ref32 = hf_model(folder, torch.float32)(torch.tensor([ids])).logits[0].float()
         ref16 = hf_model(folder, torch.bfloat16)(torch.tensor([ids])).logits[0].float()
     llm = LLM.load(folder)
-    assert llm.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's
+    # dtype=None keeps the checkpoint's, except on a CPU without native bf16, which computes in float32
+    assert llm.dtype == (torch.bfloat16 if prepack.available(torch.bfloat16, "cpu") else torch.float32)
     assert (llm.logits(ids) - ref32).abs().max() <= (ref16 - ref32).abs().max()
-    assert torch.equal(LLM.load(folder, prepack=False).logits(ids), ref16)
+    assert torch.equal(LLM.load(folder, dtype="bfloat16", prepack=False).logits(ids), ref16)
 
 
 def test_dtype_conversion_on_load(checkpoint):
     folder = checkpoint("llama")
-    assert LLM.load(folder, dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
+    head = LLM.load(folder, dtype="bfloat16").model.lm_head  # packed for oneDNN, or kept for the compiled kernel
+    assert (head.weight if isinstance(head, PackedLinear) else head.q).dtype == torch.bfloat16
     llm = LLM.load(folder, dtype="bfloat16", prepack=False)
     assert llm.model.lm_head.weight.dtype == torch.bfloat16
     ids = prompt()

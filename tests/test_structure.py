@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 READING_ORDER = [
     "errors", "limits",
     "model.config", "model.rope", "model.tensor_parallel", "model.model",
-    "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.loader",
+    "kernels.compiled", "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.loader",
     "tokenizer",
     "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
     "engine.sampling", "engine.constraint", "engine.guidance", "engine.request", "engine.plan", "engine.kv_manager",

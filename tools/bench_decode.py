@@ -1,18 +1,20 @@
 """Single-stream speed in every weight mode, side by side with llama.cpp's same modes, in one interleaved run.
 
-    python tools/bench_decode.py --model /tmp/serve-fp32 --gguf-dir /tmp/llama --out bench/decode.json
+    python tools/bench_decode.py --model /tmp/serve-fp32 --bf16-model /tmp/serve-bf16 --gguf-dir /tmp/llama \
+        --out bench/decode_avx2.json
 
-minillm: float32, bfloat16, int8 and int4 (group 32, bfloat16 activations) loaded from one checkpoint.
-llama.cpp (when its `llama-bench` is found: --llama-bench, $LLAMA_BENCH or PATH): the same weights as
-GGUF files in --gguf-dir, named serve-f32.gguf, serve-bf16.gguf, serve-q8_0.gguf, serve-q4_0.gguf (README
-says how they are made), run with `-t <threads>`. Each round measures every engine once, in a rotated order:
-decode tokens/s over 64 tokens (minillm after a 128-token prompt; llama-bench `-p 0 -n 64` from an empty
-context: in this build any prompt batch on the Q8_0 and Q4_0 files segfaults in its repacked kernels, `-d
-128` included, so minillm decodes at the slightly longer context) and prefill tokens/s of a 512-token
-prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs). Reported: best round
-per engine, the ratios the issue asks for, each minillm mode's share of the bandwidth bound (read bandwidth
-probed each round / bytes a decode step reads), and the load time and resident memory of each minillm mode in
-a fresh process.
+minillm: float32, bf16, int8 (Q8_0 form) and int4 (Q4_1 form, group 32), from one checkpoint (the bf16 row
+from its bf16 copy when given); quantized modes compute in bf16 where the CPU has native bf16, else float32.
+llama.cpp (when its `llama-bench` is found: --llama-bench, $LLAMA_BENCH or PATH): the same weights as GGUF
+files in --gguf-dir, named serve-f32.gguf, serve-bf16.gguf, serve-q8_0.gguf, serve-q4_0.gguf, serve-q4_1.gguf
+(README says how they are made), run with `-t <threads>`. Each round measures every engine once, in a rotated
+order: decode tokens/s over 64 tokens (minillm after a 128-token prompt; llama-bench `-p 0 -n 64` from an
+empty context: in the AVX-512 build any prompt batch on the Q8_0 and Q4_0 files segfaulted in its repacked
+kernels, `-d 128` included, so minillm decodes at the slightly longer context) and prefill tokens/s of a
+512-token prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs there).
+Reported: the machine's kind (AVX2 only, AVX-512, AVX-512 with bf16), best round per engine, the ratios the
+issue asks for, each minillm mode's share of the bandwidth bound (read bandwidth probed each round / bytes a
+decode step reads), and the load time and resident memory of each minillm mode in a fresh process.
 """
 
 from __future__ import annotations
@@ -34,27 +36,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_speed import interleaved, read_bandwidth_gbs  # noqa: E402
 
 from minillm import LLM  # noqa: E402
+from minillm.kernels import compiled  # noqa: E402
+from minillm.loading import prepack  # noqa: E402
 from minillm.loading.prepack import PackedLinear  # noqa: E402
 from minillm.loading.quantize import QuantizedLinear  # noqa: E402
 
-MINILLM = {
-    "minillm fp32": ("float32", None),
-    "minillm bf16": ("bfloat16", None),
-    "minillm int8": ("bfloat16", "int8"),
-    "minillm int4": ("bfloat16", "int4"),
-}
 LLAMA = {
     "llama.cpp f32": "serve-f32.gguf",
     "llama.cpp bf16": "serve-bf16.gguf",
     "llama.cpp q8_0": "serve-q8_0.gguf",
     "llama.cpp q4_0": "serve-q4_0.gguf",
+    "llama.cpp q4_1": "serve-q4_1.gguf",
 }
-PEERS = {
-    "minillm fp32": "llama.cpp f32",
-    "minillm bf16": "llama.cpp bf16",
-    "minillm int8": "llama.cpp q8_0",
-    "minillm int4": "llama.cpp q4_0",
-}
+PEERS = [  # (ours, llama.cpp's): the same weights in the nearest format (int4 is Q4_1's form; Q4_0 is the target)
+    ("minillm fp32", "llama.cpp f32"),
+    ("minillm bf16", "llama.cpp bf16"),
+    ("minillm int8", "llama.cpp q8_0"),
+    ("minillm int4", "llama.cpp q4_0"),
+    ("minillm int4", "llama.cpp q4_1"),
+]
+
+
+def minillm_modes(model: str, bf16_model: str | None) -> dict[str, tuple[str, str | None, str | None]]:
+    """name -> (checkpoint, dtype, quantize). Activations of the quantized modes in bf16 where the CPU has
+    native bf16 arithmetic, else float32 (the fastest each CPU has, as the loader's default would choose). The
+    bf16 row loads --bf16-model with its default dtype when given (on a CPU without native bf16: float32
+    activations, the bf16 matrices kept), else --model converted to bfloat16."""
+    activations = "bfloat16" if prepack.available(torch.bfloat16, "cpu") else "float32"
+    return {
+        "minillm fp32": (model, "float32", None),
+        "minillm bf16": (bf16_model, None, None) if bf16_model else (model, "bfloat16", None),
+        "minillm int8": (model, activations, "int8"),
+        "minillm int4": (model, activations, "int4"),
+    }
 
 
 def step_bytes(llm: LLM) -> int:
@@ -100,6 +114,7 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
     pool; after a first load of the bundled model in the same mode) adds to resident memory
     (model_resident_kib), against the bytes of the tensors it holds."""
     tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
+    torch_dtype = f"torch.{dtype}" if dtype else "None"
     head = (
         f"import sys, time; sys.path[:0] = [{root!r}, {tools!r}]\n"
         "import torch; from pathlib import Path; from minillm import LLM\n"
@@ -115,9 +130,9 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
         # A first load costs about 66 MB that a second does not (torch's threads, Python modules,
         # kernels' first use: measured with the 5 MB bundled model); so load that one first.
         "from minillm.llm import bundled_model; tiny = bundled_model()\n"
-        f"warm = load_model(tiny, load_config(tiny), getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
+        f"warm = load_model(tiny, load_config(tiny), {torch_dtype}, 'cpu', None, {quantize!r})\n"
         f"folder = Path({model!r}); config = load_config(folder); before = model_resident_kib()\n"
-        f"m = load_model(folder, config, getattr(torch, {dtype!r}), 'cpu', None, {quantize!r})\n"
+        f"m = load_model(folder, config, {torch_dtype}, 'cpu', None, {quantize!r})\n"
         "print(before, model_resident_kib(), model_bytes(m))"
     )
     out = subprocess.run([sys.executable, "-c", whole], capture_output=True, text=True, check=True)
@@ -136,6 +151,16 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
     }
 
 
+def machine_kind() -> str:
+    """Which kind of x86 machine this is, by the features the kernels and PyTorch's paths depend on."""
+    flags = compiled.cpu_flags()
+    if "avx512_bf16" in flags:
+        return "AVX-512 with bf16 dot products"
+    if "avx512f" in flags:
+        return "AVX-512 (no bf16)"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
+
+
 def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> float:
     out = subprocess.run(
         [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags],
@@ -151,15 +176,17 @@ def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (tools/make_bench_checkpoint.py)")
+    parser.add_argument("--bf16-model", help="the same weights stored in bf16 (the bf16 row loads it)")
     parser.add_argument("--gguf-dir", type=Path, help="folder with the GGUF files named above")
     parser.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    modes = minillm_modes(args.model, args.bf16_model)
     llms = {}
-    for name, (dtype, quantize) in MINILLM.items():
-        llms[name] = LLM.load(args.model, dtype=dtype, quantize=quantize)
+    for name, (model, dtype, quantize) in modes.items():
+        llms[name] = LLM.load(model, dtype=dtype, quantize=quantize)
         llms[name].defaults.eos_token_ids = []
     peers = {}
     if args.llama_bench and args.gguf_dir:
@@ -203,22 +230,21 @@ def main(argv: list[str] | None = None) -> int:
             row["share_of_bound"] = round(max(shares), 3)
         rows[name] = row
     ratios = {}
-    for ours, peer in PEERS.items():
+    for ours, peer in PEERS:
         if peer in rows:
             ratios[f"{ours} / {peer}"] = {
                 "decode": round(rows[ours]["decode_tok_s"] / rows[peer]["decode_tok_s"], 3),
                 "prefill": round(rows[ours]["prefill_512_tok_s"] / rows[peer]["prefill_512_tok_s"], 3),
             }
-    ratios["minillm int8 / minillm bf16, decode"] = round(
-        rows["minillm int8"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3
-    )
-    ratios["minillm int4 / minillm bf16, decode"] = round(
-        rows["minillm int4"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3
-    )
+    for mode in ("int8", "int4"):
+        ratios[f"minillm {mode} / minillm bf16, decode"] = round(
+            rows[f"minillm {mode}"]["decode_tok_s"] / rows["minillm bf16"]["decode_tok_s"], 3
+        )
     bench_seconds = time.perf_counter() - start
     llms.clear()
-    for name, (dtype, quantize) in MINILLM.items():
-        rows[name].update(load_figures(args.model, dtype, quantize))
+    for name, (model, dtype, quantize) in modes.items():
+        rows[name].update(load_figures(model, dtype, quantize))
+        rows[name]["load"] = {"model": model, "dtype": dtype, "quantize": quantize}
     version = None
     if peers:
         v = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True)
@@ -226,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {
             "platform": platform.platform(),
+            "cpu": machine_kind(),
+            "compiled_kernels": compiled.available(),
             "threads": args.threads,
             "torch": torch.__version__,
             "llama.cpp": version,

@@ -1,6 +1,6 @@
 """One-row matrix products, kernel by kernel, at the speed a decode step sees them: streamed from memory.
 
-    python tools/bench_kernels.py --out bench/kernels.json        # ~3 min
+    python tools/bench_kernels.py --out bench/kernels_avx2.json        # ~4 min
 
 A decode step multiplies one row by each matrix of a Qwen2.5-0.5B-shaped model once: 24 layers of q/k/v
 (1152 x 896, stacked), o (896 x 896), gate/up (9728 x 896, stacked) and down (896 x 4864), then the output
@@ -8,9 +8,11 @@ head (151936 x 896). Here every kernel gets 24 distinct copies of the layer matr
 holds) and the head, and is timed over the layers in order and over the head, best of --repeats passes; the
 figure is the weight bytes read per second. Kernels (those this torch build lacks are reported as such):
 
+- minillm's compiled kernels (kernels/matmul.cpp): `linear_f32`, `linear_bf16` (bf16 weights, float32
+  activations), `linear_q8_0` and `linear_q4_1` (group 32; activations quantized per block of 32 inside);
 - fp32 / bf16 `F.linear` (MKL), fp32 / bf16 oneDNN on weights reordered once (prepack.py's choices);
-- int8 `_weight_int8pack_mm` and int4 (group 32) `_weight_int4pack_mm_for_cpu` (quantize.py's kernels), bf16
-  activations;
+- PyTorch's weight-only kernels, which quantize.py used before the compiled ones: int8
+  `_weight_int8pack_mm` and int4 (group 32) `_weight_int4pack_mm_for_cpu`, bf16 activations;
 - not used by minillm, measured for the record: int8 x int8 `torch._int_mm`, oneDNN's `qlinear_pointwise`
   and fbgemm's dynamic int8 linear (both of which quantize the activations too).
 """
@@ -25,6 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minillm.kernels import compiled  # noqa: E402
+from minillm.loading.quantize import quantize_int4, quantize_int8  # noqa: E402
 
 LAYERS = 24
 LAYER_SHAPES = [(1152, 896), (896, 896), (9728, 896), (896, 4864)]  # [out, in]
@@ -67,6 +73,15 @@ def qlinear(w: torch.Tensor):
 
 # name -> (make(w fp32) -> prepared weight, product(x, prepared), activation dtype, bytes read per weight)
 KERNELS = {
+    "fp32 minillm linear_f32": (lambda w: w, compiled.linear_f32, torch.float32, 4),
+    "bf16 minillm linear_bf16": (lambda w: w.bfloat16(), compiled.linear_bf16, torch.float32, 2),
+    "int8 minillm linear_q8_0": (quantize_int8, lambda x, w: compiled.linear_q8_0(x, *w), torch.float32, 1 + 2 / 32),
+    "int4 minillm linear_q4_1": (
+        lambda w: quantize_int4(w, 32),
+        lambda x, w: compiled.linear_q4_1(x, *w),
+        torch.float32,
+        0.5 + 4 / 32,
+    ),  # a float16 scale and minimum per 32 weights
     "fp32 F.linear (MKL)": (lambda w: w, lambda x, w: torch.nn.functional.linear(x, w), torch.float32, 4),
     "fp32 oneDNN packed": (onednn, onednn_product, torch.float32, 4),
     "bf16 F.linear (MKL)": (lambda w: w.bfloat16(), lambda x, w: torch.nn.functional.linear(x, w), torch.bfloat16, 2),
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    compiled.available()  # built (or refused, in one line) before anything is timed
     results = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -147,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"unavailable": str(e).splitlines()[0][:200]}
             results[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = row
             print(f"{name:36} threads {threads}: {row}", file=sys.stderr, flush=True)
-    report = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "kernels": results}
+    flags = compiled.cpu_flags()
+    kind = ("AVX-512" + (" with bf16" if "avx512_bf16" in flags else "")) if "avx512f" in flags else "AVX2 only"
+    report = {
+        "machine": {"platform": platform.platform(), "cpu": kind, "torch": torch.__version__},
+        "kernels": results,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -6,7 +6,11 @@ Text: the bundled model's held-out split (tools/train_tiny.py: the standard-libr
 never saw, chosen by a hash of their names), cut into windows of --seq-len tokens; each window's mean
 next-token cross-entropy, averaged over up to --windows windows. Every mode reads the same windows and
 runs the same engine code (LLM.logits), so the differences are the weights' and the arithmetic's.
-Modes: float32 and bfloat16 as loaded, then int8 and int4 (group 32) with each as activation dtype.
+Modes: float32 and bfloat16 as loaded, then int8 and int4 (group 32) with each as activation dtype. Each
+quantized mode is measured twice: weight-only (every product of a 256-token window takes the dense path,
+activations as they are) and as decode computes (every product forced through the compiled kernels, which
+quantize the activations to int8 per block of 32), so the second row's delta is what activation
+quantization costs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from tokenizers import Tokenizer  # noqa: E402
 from train_tiny import corpus_files, encode_all, read_texts, split_corpus  # noqa: E402
 
 from minillm import LLM  # noqa: E402
+from minillm.kernels import compiled  # noqa: E402
+from minillm.loading import quantize as quantization  # noqa: E402
 
 MODES = [
     ("float32", None),
@@ -66,18 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype, quantize in MODES:
         llm = LLM.load(args.model, dtype=dtype, quantize=quantize, group_size=args.group_size)
-        loss = held_out_loss(llm, windows)
-        rows.append(
-            {
-                "dtype": dtype,
-                "quantize": quantize or "none",
-                "weights": llm.model.weight_form,
-                "held_out_loss_nats_per_token": round(loss, 5),
-            }
-        )
-        print(rows[-1], file=sys.stderr, flush=True)
+        ways = ["as they are"] + (["int8 per block of 32"] if quantize and compiled.available() else [])
+        for activations in ways:
+            dense_from = quantization.DENSE_FROM_ROWS
+            if activations != "as they are":
+                quantization.DENSE_FROM_ROWS = sys.maxsize  # every product through the kernels
+            try:
+                loss = held_out_loss(llm, windows)
+            finally:
+                quantization.DENSE_FROM_ROWS = dense_from
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "quantize": quantize or "none",
+                    "activations": activations,
+                    "weights": llm.model.weight_form,
+                    "held_out_loss_nats_per_token": round(loss, 5),
+                }
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
     base = {r["dtype"]: r["held_out_loss_nats_per_token"] for r in rows if r["quantize"] == "none"}
+    weight_only = {
+        (r["dtype"], r["quantize"]): r["held_out_loss_nats_per_token"]
+        for r in rows
+        if r["activations"] == "as they are"
+    }
     for r in rows:
+        if r["activations"] != "as they are":
+            r["delta_vs_weight_only"] = round(
+                r["held_out_loss_nats_per_token"] - weight_only[(r["dtype"], r["quantize"])], 5
+            )
         r["delta_vs_unquantized_same_dtype"] = round(r["held_out_loss_nats_per_token"] - base[r["dtype"]], 5)
         r["delta_vs_bfloat16"] = round(r["held_out_loss_nats_per_token"] - base["bfloat16"], 5)
     report = {

@@ -3,12 +3,15 @@
 Weights are memory-mapped from safetensors files (safetensors_mmap.py), not copied. A large checkpoint is
 sharded: model.safetensors.index.json maps each tensor name to the file holding it. Every tensor the model
 needs must be there with the right shape; a checkpoint that does not fit the config is refused instead of
-silently producing garbage. On CPU the matrices are then repacked for fast products (prepack.py).
+silently producing garbage. On CPU the matrices are then repacked for fast products (prepack.py), or held in
+a compact form that the compiled kernels read (quantize.py): int8 or int4 when asked, and bf16 as stored on a
+CPU without native bf16 arithmetic (AVX2), where a bf16 checkpoint then computes in float32 unless told.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MinillmError
+from ..kernels import compiled
 from ..model.config import ModelConfig
 from ..model.model import CausalLM
 from ..model.tensor_parallel import TensorParallel
@@ -37,6 +41,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 # Tensors some checkpoints carry that are not weights (the RoPE frequencies are recomputed from config).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+log = logging.getLogger("minillm.loading")
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -128,8 +133,25 @@ def load_model(
             file.release(weight)
 
     embed = tensors.get("model.embed_tokens.weight")
+    stored = embed.dtype if embed is not None else torch.float32
+    cpu_without_bf16 = torch.device(device).type == "cpu" and not packing.available(torch.bfloat16, device)
     if dtype is None:  # the checkpoint's own dtype: as declared, else as stored
-        dtype = config.dtype or (embed.dtype if embed is not None else torch.float32)
+        dtype = config.dtype or stored
+        if dtype == torch.bfloat16 and cpu_without_bf16:
+            dtype = torch.float32
+            log.warning(
+                "minillm: this CPU has no native bfloat16 arithmetic, so the bf16 checkpoint computes in float32 "
+                "(weights kept in bf16 where the compiled kernels run); --dtype bfloat16 overrides"
+            )
+    # bf16 matrices on such a CPU: kept as they are and read by the compiled kernel, not PyTorch's slow bf16 path
+    # (float32 activations: exact conversions, so the same products as float32 weights, at half the bytes).
+    keep_bf16 = (
+        quantize is None
+        and prepack is None
+        and cpu_without_bf16
+        and (dtype == torch.bfloat16 or (dtype == torch.float32 and stored == torch.bfloat16))
+        and compiled.available()
+    )
     with torch.device("meta"):
         model = CausalLM(config)
     expected = {name: p.shape for name, p in model.named_parameters()}  # the whole model's shapes
@@ -172,6 +194,8 @@ def load_model(
             raise MinillmError("quantized weights use their own kernels, not prepacked ones; drop prepack")
         quantization.check(quantize, group_size, model, dtype, device)
         prepack = False
+    if keep_bf16:
+        prepack = False
     if prepack is None:
         prepack = packing.available(dtype, device)
     if prepack and not packing.available(dtype, device):
@@ -180,10 +204,12 @@ def load_model(
         )
     # Matrices about to be packed or quantized stay as stored: that converts them one at a time, so a dtype
     # change never holds a converted copy of every weight at once.
-    replaced = prepack or quantize is not None
+    replaced = prepack or quantize is not None or keep_bf16
     as_stored = (
         {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} if replaced else set()
     )
+    if keep_bf16:  # the table becomes a bf16 one too (quantize_linears)
+        as_stored.add("model.embed_tokens.weight")
     state = {}
     for name, t in tensors.items():
         state[name] = t if name in as_stored else t.to(device=device, dtype=dtype)
@@ -200,5 +226,8 @@ def load_model(
         model.weight_form = "prepacked"
     if quantize is not None:
         quantization.quantize_linears(model, quantize, dtype, group_size, release)
-        model.weight_form = quantize if quantize == "int8" else f"int4-g{group_size}"
+        model.weight_form = "q8_0" if quantize == "int8" else f"q4_1-g{group_size}"
+    if keep_bf16:
+        quantization.quantize_linears(model, "bf16", dtype, release=release)
+        model.weight_form = "bf16-kept"
     return model.eval()

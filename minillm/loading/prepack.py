@@ -18,6 +18,10 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
     property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
     unless its reproducibility mode is set), oneDNN's keep it, so exact mode packs float32 for oneDNN too.
+    On CPUs with AVX2 but no AVX-512 (AMD Zen 3 measured), MKL runs far below both: its one-row product read
+    6-10 GB/s of a 20 GB/s machine, and oneDNN's product of 32-512 rows took half its time. There the float32
+    matrix keeps its plain layout, and products of fewer than KERNEL_ROWS rows take the compiled kernel
+    (kernels/compiled.py), more rows oneDNN's kernel on that layout.
 
 A packed weight is a copy (stacked, reordered or converted). The loader hands each original to `release`
 once it is replaced, so resident memory stays about one copy of the weights.
@@ -35,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import compiled
 from ..model.model import CausalLM
+
+KERNEL_ROWS = 8  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
 
 
 def available(dtype: torch.dtype, device: str) -> bool:
@@ -74,10 +81,20 @@ class PackedLinear(nn.Module):
         biases = [linear.bias for linear in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
         self.out_features, self.in_features = self.weight.shape
+        # float32 on an AVX2-only CPU: MKL is slow there, so the compiled kernel for few rows, oneDNN for many.
+        self.kernel = not self.onednn and dtype == torch.float32 and compiled.f32_beats_blas()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.kernel:  # the plain layout, read by the compiled kernel (few rows) or oneDNN (many)
+            rows = x.reshape(-1, self.in_features)
+            if rows.shape[0] < KERNEL_ROWS:
+                y = compiled.linear_f32(rows, self.weight)
+                y = y if self.bias is None else y + self.bias
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+            return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     @property

@@ -1,0 +1,1 @@
+"""Compiled CPU kernels for decode: matrix products that stream compact weights at memory speed."""

@@ -1,0 +1,117 @@
+"""The compiled decode kernels (matmul.cpp): built once per machine, used where the CPU can run them.
+
+Why compiled code: decoding a token multiplies one row of activations by every weight matrix, so its speed is
+how fast the weights stream from memory. PyTorch's own kernels fall short of that on CPUs exactly where it
+matters: its weight-only int8 and int4 products are compute-bound on one row (6-7 GB/s per thread measured),
+and where the CPU has no native bf16 arithmetic (AVX2 only) its bf16 products run several times slower than
+float32. matmul.cpp does a block of 32 weights in a handful of AVX2 instructions, so one row streams at memory
+speed on any x86 CPU of the last ten years (AVX-512 machines run the same AVX2 code: at one row the memory, not
+the vector width, sets the pace).
+
+How: torch.utils.cpp_extension compiles matmul.cpp on first use (about 30 s; needs a C++ compiler and ninja)
+into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), and later
+processes load the cached library in a fraction of a second. The ops register as torch.ops.minillm.*; they run
+on torch's own thread pool (at::parallel_for), so they add no threads of their own.
+
+When not: on a CPU without AVX2, FMA and F16C, where the build fails (no compiler), or with MINILLM_KERNELS=0,
+one line on stderr says so and quantize.py's PyTorch path runs instead (slower; the same weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("matmul.cpp")
+NEEDED_FLAGS = {"avx2", "fma", "f16c"}
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # not -march=native: a cached build serves any AVX2 CPU
+log = logging.getLogger("minillm.kernels")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: the kernels are then not tried)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be used here, or None when they can (building them if not built yet)."""
+    if os.environ.get("MINILLM_KERNELS", "1") == "0":
+        return "MINILLM_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"this is a {platform.machine()} CPU, and they are written for x86 AVX2"
+    missing = NEEDED_FLAGS - cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    if shutil.which("ninja") is None:  # the ninja package's binary, when its venv's bin/ is not on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass  # the build below then says what is missing
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="minillm_kernels",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,  # the library registers its ops with torch when loaded
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch path still works
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"building them failed ({first_line[:200]})"
+    return None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether torch.ops.minillm's kernels can run here; the first call builds or loads them, and says once
+    (on stderr) when they cannot."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.warning("minillm: compiled decode kernels unavailable (%s); using PyTorch's slower path", reason)
+    return reason is None
+
+
+def linear_q8_0(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] (float32 or bf16) times W^T, W = d * q in blocks of 32 (q [out, in] int8, d [out, in / 32]
+    float16) -> [rows, out] in x's dtype. x is quantized per block of 32 inside."""
+    return torch.ops.minillm.linear_q8_0(x, q, d)
+
+
+def linear_q4_1(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] times W^T, W = d * q + m per group (q [out, in / 2] two nibbles a byte, d and m
+    [out, in / group] float16) -> [rows, out] in x's dtype. x is quantized per block of 32 inside."""
+    return torch.ops.minillm.linear_q4_1(x, q, d, m)
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] times W^T, W [out, in] bf16, summed in float32 -> [rows, out] in x's dtype."""
+    return torch.ops.minillm.linear_bf16(x, w)
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] float32 times W^T, W [out, in] float32 -> [rows, out]."""
+    return torch.ops.minillm.linear_f32(x, w)
+
+
+@functools.cache
+def f32_beats_blas() -> bool:
+    """Whether float32 products of few rows should take linear_f32 rather than MKL's gemv: on AVX2-only CPUs,
+    where MKL's one-row product was measured reading 8-10 GB/s of a 20 GB/s machine (linear_f32: 13-17 side
+    by side); not on AVX-512 ones, where MKL read 19.5-26.6 GB/s (bench/kernels.json)."""
+    return "avx512f" not in cpu_flags() and available()

@@ -1,0 +1,64 @@
+"""The compiled kernels (kernels/matmul.cpp) called directly, and the float32 path that uses one of them
+(prepack.PackedLinear on CPUs without AVX-512). quantize.py's forms are tested through their layers in
+test_quantize.py; here: lengths that are not whole blocks, shapes refused, rows independent of each other."""
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.kernels import compiled
+from minillm.loading import prepack
+from minillm.loading.prepack import PackedLinear
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    if not compiled.available():
+        pytest.skip(f"the compiled kernels do not run here: {compiled.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("in_features", [32, 37, 896])  # 37: a tail of 5 after one step of 32
+@pytest.mark.parametrize("rows", [1, 3])
+def test_float_kernels_equal_a_float32_product(in_features, rows):
+    torch.manual_seed(0)
+    w, x = torch.randn(200, in_features), torch.randn(rows, in_features)
+    wb = w.bfloat16()
+    reference = x.bfloat16().float() @ wb.float().T
+    for got, expected, tolerance in [
+        (compiled.linear_f32(x, w), x @ w.T, 1e-5),  # float32: only the summation order differs
+        (compiled.linear_bf16(x, wb), x @ wb.float().T, 1e-5),  # bf16 weights widened exactly
+        (compiled.linear_bf16(x.bfloat16(), wb), reference, 1e-2),  # bf16 activations, result rounded to bf16
+    ]:
+        assert got.shape == expected.shape
+        assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_bad_shapes_are_refused_with_the_reason():
+    q, d = torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"x must be \[rows, 64\]"):
+        compiled.linear_q8_0(torch.zeros(1, 32), q, d)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        compiled.linear_q8_0(torch.zeros(1, 48), torch.zeros(4, 48, dtype=torch.int8), d)
+    with pytest.raises(RuntimeError, match="float32"):
+        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.float64))
+
+
+def test_float32_packed_layers_take_the_kernel_for_few_rows_and_onednn_for_more(monkeypatch):
+    """Where chosen (AVX2-only CPUs; forced here), a float32 PackedLinear keeps the plain layout: fewer than
+    KERNEL_ROWS rows take linear_f32, more take oneDNN; both equal F.linear to rounding, and the kernel's rows
+    are independent of each other bit for bit."""
+    monkeypatch.setattr(compiled, "f32_beats_blas", lambda: True)
+    torch.manual_seed(1)
+    parts = [nn.Linear(96, 64), nn.Linear(96, 32)]
+    layer = PackedLinear(*parts, dtype=torch.float32, onednn=False)
+    assert layer.kernel
+    weight = torch.cat([p.weight for p in parts]).detach()
+    bias = torch.cat([p.bias for p in parts]).detach()
+    for rows in (1, prepack.KERNEL_ROWS - 1, prepack.KERNEL_ROWS, 40):
+        x = torch.randn(rows, 96)
+        expected = x @ weight.T + bias
+        assert (layer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    x = torch.randn(prepack.KERNEL_ROWS - 1, 96)
+    together = layer(x)
+    assert all(torch.equal(layer(x[i : i + 1]), together[i : i + 1]) for i in range(len(x)))
+    assert layer(torch.randn(2, 3, 96)).shape == (2, 3, 96)  # leading dimensions kept
