@@ -2,6 +2,9 @@
 (prepack.PackedLinear on CPUs without AVX-512). quantize.py's forms are tested through their layers in
 test_quantize.py; here: lengths that are not whole blocks, shapes refused, rows independent of each other."""
 
+import os
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -62,3 +65,17 @@ def test_float32_packed_layers_take_the_kernel_for_few_rows_and_onednn_for_more(
     together = layer(x)
     assert all(torch.equal(layer(x[i : i + 1]), together[i : i + 1]) for i in range(len(x)))
     assert layer(torch.randn(2, 3, 96)).shape == (2, 3, 96)  # leading dimensions kept
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
+    """torch's builder waits forever for another build's lock file; one left by an interrupted build (older
+    than any build takes) is removed, a fresh one (a build running now) is left alone."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - compiled.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    compiled.clear_stale_lock(stale)
+    compiled.clear_stale_lock(fresh)
+    compiled.clear_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()

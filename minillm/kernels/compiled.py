@@ -24,12 +24,15 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("matmul.cpp")
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
+NAME = "minillm_kernels"
+STALE_LOCK_S = 600  # a build takes 30-60 s; a lock this old was left by a build that was killed
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # not -march=native: a cached build serves any AVX2 CPU
 log = logging.getLogger("minillm.kernels")
 
@@ -43,6 +46,17 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def clear_stale_lock(lock: Path) -> None:
+    """torch's builder holds a lock file while it compiles and waits, forever, for another process's lock to go.
+    A build interrupted (Ctrl-C during the first load) leaves its lock behind, and every later start would
+    hang: so a lock older than any build is removed first."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except OSError:  # no lock (the usual case), or removed meanwhile
+        pass
 
 
 def unavailable_reason() -> str | None:
@@ -64,8 +78,9 @@ def unavailable_reason() -> str | None:
     try:
         from torch.utils import cpp_extension
 
+        clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, False)) / "lock")
         cpp_extension.load(
-            name="minillm_kernels",
+            name=NAME,
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
