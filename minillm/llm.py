@@ -97,11 +97,13 @@ class LLM:
         **engine_options,
     ) -> LLM:
         """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
-        keeps the checkpoint's own; "float32", "bfloat16" or "float16" converts the weights as they load.
+        keeps the checkpoint's own (but a bf16 checkpoint computes in float32 on a CPU without native bf16,
+        its matrices kept in bf16: loader.py); "float32", "bfloat16" or "float16" converts as they load.
         exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
         wherever available, i.e. on CPU in float32/bfloat16); False keeps plain F.linear, whose float32
         results are bitwise transformers'. quantize: "int8" or "int4" quantizes the weight matrices as they
-        load (quantize.py; int4 in groups of group_size input channels); activations stay in dtype.
+        load (quantize.py; int4 in groups of group_size input channels; the compiled kernels quantize the
+        activations of few-row products per block of 32); the rest of the model computes in dtype.
         tp: tensor parallelism over this many ranks (tensor_parallel.py, ranks.py): tp - 1 follower processes
         start on this machine, and this process's threads are shared out among the ranks. Under torchrun the
         group is torchrun's (tp may be left out), and on ranks other than 0 load() does not return: the
