@@ -78,7 +78,10 @@ def unavailable_reason() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, False)) / "lock")
+        build = Path(cpp_extension._get_build_directory(NAME, False))
+        clear_stale_lock(build / "lock")
+        if not any(so.stat().st_mtime >= SOURCE.stat().st_mtime for so in build.glob(f"{NAME}*.so")):
+            log.warning("minillm: building the decode kernels for this machine (once; about 30 s)")
         cpp_extension.load(
             name=NAME,
             sources=[str(SOURCE)],
