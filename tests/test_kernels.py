@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minillm.kernels import compiled
-from minillm.loading import prepack
+from minillm.loading import prepack, quantize
 from minillm.loading.prepack import PackedLinear
 
 
@@ -34,6 +34,18 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
     ]:
         assert got.shape == expected.shape
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("in_features,group", [(416, 32), (896, 32), (896, 128), (448, 64)])
+def test_int4_kernel_covers_blocks_in_pairs_and_the_rest_alone(in_features, group):
+    """linear_q4_1 takes 8 blocks at a time as pairs and the remaining blocks one by one (416 = 13 blocks:
+    8 paired, 5 alone; 896 = 28: 24 and 4); against the dequantized reference on the same quantized x."""
+    torch.manual_seed(2)
+    w, x = torch.randn(300, in_features), torch.randn(2, in_features)
+    q, d, m = quantize.quantize_int4(w, group)
+    expected = quantize.quantize_activations(x) @ quantize.dequantize(q, d, m).T
+    got = compiled.linear_q4_1(x, q, d, m)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_bad_shapes_are_refused_with_the_reason():

@@ -136,24 +136,61 @@ float dot_q8_0(const int8_t* w, const uint16_t* dw, const int8_t* x, const float
       });
 }
 
+// Two blocks' nibbles (32 bytes: block b's 16, then block b + 1's) against their activations laid out as
+// xp = [x_b 0..15, x_b+1 0..15, x_b 16..31, x_b+1 16..31]: one load and one shift unpack both blocks, and
+// the 8 partial sums come out as lanes 0-3 for block b, 4-7 for block b + 1 (scales: s_b x4, s_b+1 x4).
+inline __m256 dot_pair_u4(const uint8_t* packed, const int8_t* xp, __m256 scales, __m256 acc) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i mask = _mm256_set1_epi8(15);
+  const __m256i low = _mm256_and_si256(bytes, mask), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  // pair sums of 15 * 127 at most: two of them add within int16
+  const __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(low, load32(xp)), _mm256_maddubs_epi16(high, load32(xp + 32)));
+  return _mm256_fmadd_ps(scales, _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, _mm256_set1_epi16(1))), acc);
+}
+
+// x's blocks re-laid in pairs for dot_pair_u4, for the first (blocks / 8) * 8 blocks of a row.
+void pair_activations(const int8_t* x, int64_t blocks, int8_t* xp) {
+  for (int64_t b = 0; b < blocks / 8 * 8; b += 2) {
+    const int8_t* first = x + b * BLOCK;
+    const int8_t* second = first + BLOCK;
+    int8_t* out = xp + b * BLOCK;
+    std::memcpy(out, first, 16);
+    std::memcpy(out + 16, second, 16);
+    std::memcpy(out + 32, first + 16, 16);
+    std::memcpy(out + 48, second + 16, 16);
+  }
+}
+
 // 2^shift blocks of 32 share one d and m (a group); sxg [groups]: dx * sum(qx) over each group's blocks.
+// Blocks go 8 at a time as four pairs (four chains), the rest one at a time; the order is fixed by `in`.
 float dot_q4_1(const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int shift, int64_t groups, const int8_t* x,
-               const float* dx, const float* sxg, int64_t blocks) {
-  auto scale = [&](int64_t b) { return half_to_float(dw[b >> shift]) * dx[b]; };
+               const int8_t* xp, const float* dx, const float* sxg, int64_t blocks) {
   auto scale8 = [&](int64_t b) {
     if (shift == 0) return _mm256_mul_ps(load8_half(dw + b), _mm256_loadu_ps(dx + b));
     alignas(32) float d[8];
     for (int k = 0; k < 8; ++k) d[k] = half_to_float(dw[(b + k) >> shift]);
     return _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(dx + b));
   };
-  const float products = sum_blocks(blocks, scale8, scale, [&](int64_t b) {
-    if (b % 4 == 0) prefetch(w + b * BLOCK / 2);
-    return dot_block_u4(w + b * BLOCK / 2, load32(x + b * BLOCK));
-  });
-  __m256 acc = _mm256_setzero_ps();  // the minimums: sum over groups of m * dx * sum(qx)
+  const __m256i pair[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                           _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    prefetch(w + b * BLOCK / 2);
+    prefetch(w + b * BLOCK / 2 + 64);
+    const __m256 scales = scale8(b);
+    for (int k = 0; k < 4; ++k)
+      acc[k] = dot_pair_u4(w + (b + 2 * k) * BLOCK / 2, xp + (b + 2 * k) * BLOCK,
+                           _mm256_permutevar8x32_ps(scales, pair[k]), acc[k]);
+  }
+  for (; b < blocks; ++b)
+    acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dw[b >> shift]) * dx[b]),
+                             dot_block_u4(w + b * BLOCK / 2, load32(x + b * BLOCK)), acc[0]);
+  const float products = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  __m256 minimum = _mm256_setzero_ps();  // the minimums: sum over groups of m * dx * sum(qx)
   int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(load8_half(mw + g), _mm256_loadu_ps(sxg + g), acc);
-  float minimums = sum8(acc);
+  for (; g + 8 <= groups; g += 8) minimum = _mm256_fmadd_ps(load8_half(mw + g), _mm256_loadu_ps(sxg + g), minimum);
+  float minimums = sum8(minimum);
   for (; g < groups; ++g) minimums += half_to_float(mw[g]) * sxg[g];
   return products + minimums;
 }
@@ -230,12 +267,14 @@ at::Tensor linear_q4_1(const at::Tensor& x_, const at::Tensor& q, const at::Tens
   std::vector<float> sxg(x.size(0) * groups, 0.0f);  // [rows, groups]
   for (int64_t r = 0; r < x.size(0); ++r)
     for (int64_t b = 0; b < blocks; ++b) sxg[r * groups + (b >> shift)] += a.s[r * blocks + b];
+  std::vector<int8_t> paired(x.size(0) * in);  // [rows, in]: each row's blocks laid out in pairs
+  for (int64_t r = 0; r < x.size(0); ++r) pair_activations(a.q.data() + r * in, blocks, paired.data() + r * in);
   const uint8_t* pq = q.data_ptr<uint8_t>();
   const uint16_t* pd = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* pm = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
   return product(x_, out, [&](int64_t r, int64_t j) {
     return dot_q4_1(pq + j * in / 2, pd + j * groups, pm + j * groups, shift, groups, a.q.data() + r * in,
-                    a.d.data() + r * blocks, sxg.data() + r * groups, blocks);
+                    paired.data() + r * in, a.d.data() + r * blocks, sxg.data() + r * groups, blocks);
   });
 }
 
