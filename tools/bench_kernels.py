@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_decode import machine_kind  # noqa: E402
+
 from minillm.kernels import compiled  # noqa: E402
 from minillm.loading.quantize import quantize_int4, quantize_int8  # noqa: E402
 
@@ -163,10 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"unavailable": str(e).splitlines()[0][:200]}
             results[f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = row
             print(f"{name:36} threads {threads}: {row}", file=sys.stderr, flush=True)
-    flags = compiled.cpu_flags()
-    kind = ("AVX-512" + (" with bf16" if "avx512_bf16" in flags else "")) if "avx512f" in flags else "AVX2 only"
     report = {
-        "machine": {"platform": platform.platform(), "cpu": kind, "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpu": machine_kind(), "torch": torch.__version__},
         "kernels": results,
     }
     text = json.dumps(report, indent=1)

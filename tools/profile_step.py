@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_decode import machine_kind  # noqa: E402
+
 from minillm import LLM  # noqa: E402
 from minillm.kernels import compiled  # noqa: E402
 from minillm.loading.prepack import PackedLinear  # noqa: E402
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         replay.append(time.perf_counter() - start)
     weight_bytes = sum(m.weight_bytes for m in layers)
     report = {
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "cpu": cpu_kind()},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "cpu": machine_kind()},
         "model": args.model,
         "dtype": str(llm.dtype),
         "weight_form": llm.model.weight_form,
@@ -89,11 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     print(text)
     return 0
-
-
-def cpu_kind() -> str:
-    flags = compiled.cpu_flags()
-    return "AVX-512" + (" with bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "AVX2 only"
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def f32_beats_blas() -> bool:
     """Whether float32 products of few rows should take linear_f32 rather than MKL's gemv: on AVX2-only CPUs,
-    where MKL's one-row product was measured reading 8-10 GB/s of a 20 GB/s machine (linear_f32: 13-17 side
-    by side); not on AVX-512 ones, where MKL read 19.5-26.6 GB/s (bench/kernels.json)."""
+    where one row through MKL read 11.0-11.7 GB/s against linear_f32's 11.9-13.9 (bench/kernels_avx2.json)
+    and fp32 decode ran 3.9 against 5.8 tok/s; not on AVX-512 ones, where MKL read 19.5-26.6 GB/s
+    (bench/kernels.json)."""
     return "avx512f" not in cpu_flags() and available()

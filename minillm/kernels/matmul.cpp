@@ -106,19 +106,8 @@ inline __m256 dot_block_u4(const uint8_t* packed, __m256i b) {
 
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// sum over blocks b of scale(b) * dot(b), with dot(b) 8 partial sums of block b's integer products: four
-// independent chains (they hide the multiply-add latency), then the chains' lanes summed in a fixed order.
-// The scales of 8 blocks are made at once (scale8(b): blocks b .. b + 7) and read back one by one.
-template <typename Scale8, typename Scale, typename Dot>
-inline float sum_blocks(int64_t blocks, Scale8 scale8, Scale scale, Dot dot) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  alignas(32) float scales[8];
-  int64_t b = 0;
-  for (; b + 8 <= blocks; b += 8) {
-    _mm256_store_ps(scales, scale8(b));
-    for (int k = 0; k < 8; ++k) acc[k % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(scales + k), dot(b + k), acc[k % 4]);
-  }
-  for (; b < blocks; ++b) acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scale(b)), dot(b), acc[0]);
+// The four accumulator chains of a dot product (they hide the multiply-add latency), summed in a fixed order.
+inline float sum_chains(const __m256 acc[4]) {
   return sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
@@ -126,14 +115,23 @@ inline __m256 load8_half(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Blocks go 8 at a time (their 8 scales d * dx made at once, then broadcast one by one) over four chains, the
+// rest one at a time; the order is fixed by `in`.
 float dot_q8_0(const int8_t* w, const uint16_t* dw, const int8_t* x, const float* dx, int64_t blocks) {
-  return sum_blocks(
-      blocks, [&](int64_t b) { return _mm256_mul_ps(load8_half(dw + b), _mm256_loadu_ps(dx + b)); },
-      [&](int64_t b) { return half_to_float(dw[b]) * dx[b]; },
-      [&](int64_t b) {
-        if (b % 2 == 0) prefetch(w + b * BLOCK);
-        return dot_block_s8(load32(x + b * BLOCK), load32(w + b * BLOCK));
-      });
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  alignas(32) float scales[8];
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    for (int line = 0; line < 4; ++line) prefetch(w + b * BLOCK + 64 * line);  // 8 blocks: 256 bytes
+    _mm256_store_ps(scales, _mm256_mul_ps(load8_half(dw + b), _mm256_loadu_ps(dx + b)));
+    for (int k = 0; k < 8; ++k)
+      acc[k % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(scales + k),
+                                   dot_block_s8(load32(x + (b + k) * BLOCK), load32(w + (b + k) * BLOCK)), acc[k % 4]);
+  }
+  for (; b < blocks; ++b)
+    acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dw[b]) * dx[b]),
+                             dot_block_s8(load32(x + b * BLOCK), load32(w + b * BLOCK)), acc[0]);
+  return sum_chains(acc);
 }
 
 // Two blocks' nibbles (32 bytes: block b's 16, then block b + 1's) against their activations laid out as
@@ -186,7 +184,7 @@ float dot_q4_1(const uint8_t* w, const uint16_t* dw, const uint16_t* mw, int shi
   for (; b < blocks; ++b)
     acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dw[b >> shift]) * dx[b]),
                              dot_block_u4(w + b * BLOCK / 2, load32(x + b * BLOCK)), acc[0]);
-  const float products = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  const float products = sum_chains(acc);
   __m256 minimum = _mm256_setzero_ps();  // the minimums: sum over groups of m * dx * sum(qx)
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) minimum = _mm256_fmadd_ps(load8_half(mw + g), _mm256_loadu_ps(sxg + g), minimum);
@@ -209,7 +207,7 @@ float dot_float(const W* w, const float* x, int64_t n, Load8 load8, float (*one)
     for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(W)); line += 64) prefetch(w + i + line / sizeof(W));
     for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(load8(w + i + 8 * k), _mm256_loadu_ps(x + i + 8 * k), acc[k]);
   }
-  float total = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  float total = sum_chains(acc);
   for (; i < n; ++i) total += one(w[i]) * x[i];
   return total;
 }

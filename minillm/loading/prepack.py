@@ -18,8 +18,9 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
     property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
     unless its reproducibility mode is set), oneDNN's keep it, so exact mode packs float32 for oneDNN too.
-    On CPUs with AVX2 but no AVX-512 (AMD Zen 3 measured), MKL runs far below both: its one-row product read
-    6-10 GB/s of a 20 GB/s machine, and oneDNN's product of 32-512 rows took half its time. There the float32
+    On CPUs with AVX2 but no AVX-512 (AMD Zen 3 measured), MKL runs below both: its one-row product read
+    11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of the 9,728 x 896
+    matrix (the same time at 512 rows of the 896 x 4,864 one). There the float32
     matrix keeps its plain layout, and products of fewer than KERNEL_ROWS rows take the compiled kernel
     (kernels/compiled.py), more rows oneDNN's kernel on that layout.
 

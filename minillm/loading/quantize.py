@@ -173,7 +173,8 @@ class QuantizedLinear(nn.Module):
         for i in range(0, self.out_features, DENSE_BLOCK):
             rows = min(DENSE_BLOCK, self.out_features - i)
             w = self.scratch[: rows * self.in_features].view(rows, self.in_features)
-            w.copy_(self.rows(slice(i, i + rows)))
+            part = slice(i, i + rows)
+            w.copy_(self.q[part] if self.mode == "bf16" else self.rows(part))  # bf16: converted by the copy itself
             if self.onednn:
                 y[:, i : i + rows] = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             else:
