@@ -1,5 +1,5 @@
-"""python -m minillm generate | chat | serve | verify | cache: text streams to stdout, statistics go to stderr, and a
-problem with the input is one line on stderr with exit status 2."""
+"""python -m minillm generate | chat | serve | verify | perplexity | convert | cache: text streams to stdout,
+statistics go to stderr, and a problem with the input is one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
@@ -174,6 +174,41 @@ def cache(args) -> int:
     return 0
 
 
+def perplexity(args) -> int:
+    """python -m minillm perplexity FILE: perplexity (+- standard error); with --kl-base, KL divergence."""
+    from .perplexity import score
+
+    text = _read_text(args.file, "text")
+    llm = load_llm(args)
+    stride = args.stride or max(1, args.context // 2)
+    scores = score(llm, text, args.context, stride, args.save_logits, args.kl_base)
+    figures = scores.summary() | {"context": args.context, "stride": stride}
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(
+            f"perplexity {figures['perplexity']:.4f} +- {figures['perplexity_stderr']:.4f} over "
+            f"{figures['tokens_scored']} tokens (windows of {args.context}, stride {stride})"
+        )
+        if "kl_mean" in figures:
+            print(
+                f"KL divergence from {args.kl_base.name}: mean {figures['kl_mean']:.6f} nats, 99th percentile "
+                f"{figures['kl_p99']:.6f}, top-1 token unchanged at {figures['top1_same']:.2%} of positions"
+            )
+    llm.close()
+    return 0
+
+
+def convert(args) -> int:
+    """python -m minillm convert model.gguf OUT_DIR: the Hugging Face folder that minillm and transformers load."""
+    from .loading import gguf_import
+    from .model.config import DTYPES
+
+    out = gguf_import.convert(args.gguf, args.out_dir, DTYPES[args.dtype])
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+    return 0
+
+
 def chat(args) -> int:
     """A terminal chat. The whole conversation is re-rendered with the chat template every turn; the prefix
     cache finds everything up to the new message already computed, so only the new turn is prefilled."""
@@ -242,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             return verify(args)
         if args.command == "serve":
             return serve(args)
-        return {"generate": generate, "chat": chat, "cache": cache}[args.command](args)
+        commands = {"generate": generate, "chat": chat, "perplexity": perplexity, "convert": convert, "cache": cache}
+        return commands[args.command](args)
     except MinillmError as e:
         print(f"minillm: error: {e}", file=sys.stderr)
         return 2

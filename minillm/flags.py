@@ -14,7 +14,11 @@ from .options import EngineOptions, LoadOptions, ServerOptions
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The model's and the engine's flags; defaults and choices come from options.py."""
     load, engine = LoadOptions, EngineOptions
-    parser.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
+    parser.add_argument(
+        "--model",
+        "-m",
+        help="checkpoint folder, .gguf file, smollm2, or Hugging Face Hub id (default: the bundled model)",
+    )
     parser.add_argument("--dtype", choices=options.DTYPES, help="default: the checkpoint's own")
     parser.add_argument("--device", default=load.device, help="torch device (default: %(default)s)")
     parser.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt from scratch")
@@ -137,12 +141,30 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ver = commands.add_parser(
         "verify", help="check the engine's properties (parity, cache, batching, exact) on a checkpoint"
     )
-    ver.add_argument("--model", "-m", help="checkpoint folder or Hugging Face Hub id (default: the bundled model)")
+    ver.add_argument(
+        "--model",
+        "-m",
+        help="checkpoint folder, .gguf file, smollm2, or Hugging Face Hub id (default: the bundled model)",
+    )
     ver.add_argument("--dtype", choices=options.DTYPES, help="default: the checkpoint's own")
     ver.add_argument("--device", default="cpu")
     ver.add_argument("--no-prepack", action="store_true", help="check the plain F.linear path instead")
     ver.add_argument("--prompts", type=int, default=4, help="random prompts per check (default 4)")
     ver.add_argument("--json", action="store_true", help="one JSON object with every check")
+    ppl = commands.add_parser("perplexity", help="perplexity of a text file, and KL divergence from a saved run")
+    ppl.add_argument("file", type=Path, metavar="FILE", help="a UTF-8 text file")
+    _add_model_options(ppl)
+    ppl.add_argument("--context", type=int, default=512, help="tokens per window (default %(default)s)")
+    ppl.add_argument("--stride", type=int, help="tokens a window advances (default: half of --context)")
+    ppl.add_argument("--save-logits", type=Path, help="save this run's log-probabilities (a --kl-base for later)")
+    ppl.add_argument("--kl-base", type=Path, help="a --save-logits file of a reference run: report KL divergence")
+    ppl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    conv = commands.add_parser("convert", help="write a GGUF file as a Hugging Face folder (needs minillm[gguf])")
+    conv.add_argument("gguf", type=Path, metavar="MODEL.gguf")
+    conv.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new or empty folder")
+    conv.add_argument(
+        "--dtype", choices=options.DTYPES, default="float32", help="dequantized tensors' dtype (default %(default)s)"
+    )
     cache = commands.add_parser("cache", help="what the prefix cache's disk tier holds, or remove it")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache-dir", help="default: $MINILLM_CACHE_DIR")

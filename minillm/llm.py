@@ -96,7 +96,8 @@ class LLM:
         tp: int | None = LoadOptions.tp,
         **engine_options,
     ) -> LLM:
-        """model: a checkpoint folder, or a Hugging Face Hub id; None: the small bundled model. dtype: None
+        """model: a checkpoint folder, a GGUF file (converted once into a cached folder: gguf_import.py), a named
+        model ("smollm2"), or a Hugging Face Hub id; None: the small bundled model. dtype: None
         keeps the checkpoint's own (but a bf16 checkpoint computes in float32 on a CPU without native bf16,
         its matrices kept in bf16: loader.py); "float32", "bfloat16" or "float16" converts as they load.
         exact: run in exact mode (exact.py). prepack: repack the weight matrices for oneDNN (prepack.py; None:
@@ -113,7 +114,7 @@ class LLM:
             if dtype not in DTYPES:
                 raise MinillmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        folder = bundled_model() if model is None else resolve_model_dir(str(model))
+        folder = bundled_model() if model is None else resolve_model_dir(str(model), dtype)
         config = load_config(folder)
         dtype_name = next((name for name, d in DTYPES.items() if d == dtype), None)
         load_args = dict(

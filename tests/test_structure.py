@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 READING_ORDER = [
     "errors", "limits",
     "model.config", "model.rope", "model.tensor_parallel", "model.model",
-    "kernels.compiled", "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.loader",
+    "kernels.compiled", "loading.safetensors_mmap", "loading.prepack", "loading.quantize", "loading.gguf_import",
+    "loading.loader",
     "tokenizer",
     "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
     "engine.sampling", "engine.constraint", "engine.guidance", "engine.request", "engine.plan", "engine.kv_manager",
@@ -20,7 +21,7 @@ READING_ORDER = [
     "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
     "ranks", "options", "engine.build", "generation_config", "llm",
     "serving.openai_api", "serving.structured", "serving.metrics", "serving.handler", "serving.server",
-    "verify", "flags", "cli",
+    "verify", "perplexity", "flags", "cli",
 ]
 # fmt: on
 ENTRY_POINTS = ["__init__", "__main__"]  # above everything

@@ -23,6 +23,7 @@ from ..kernels import compiled
 from ..model.config import ModelConfig
 from ..model.model import CausalLM
 from ..model.tensor_parallel import TensorParallel
+from . import gguf_import
 from . import prepack as packing
 from . import quantize as quantization
 from .safetensors_mmap import SafetensorsFile
@@ -44,13 +45,22 @@ IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 log = logging.getLogger("minillm.loading")
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local folder as is; otherwise a Hub repo id, downloaded (or found in the local Hub cache)."""
+def resolve_model_dir(model: str, dtype: torch.dtype | None = None) -> Path:
+    """A local folder as is; a GGUF file or a named model (`smollm2`) as its converted folder (gguf_import.py,
+    dequantized tensors written in dtype where that is bf16 or f16, else float32); otherwise a Hub repo id,
+    downloaded (or found in the local Hub cache)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_import.cached_folder(path, dtype)
     if path.exists():
-        raise MinillmError(f"{model} is a file; pass the folder that holds config.json and the weights")
+        raise MinillmError(f"{model} is a file; pass a .gguf file or the folder that holds config.json and the weights")
+    if path.suffix.lower() == ".gguf":
+        raise MinillmError(f"GGUF file {model} does not exist")
+    alias = gguf_import.resolve_alias(model)
+    if alias is not None:
+        return gguf_import.cached_folder(alias, dtype)
     if not HUB_ID.fullmatch(model):
         raise MinillmError(f"model folder {model} does not exist")
     try:
