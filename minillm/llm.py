@@ -26,7 +26,7 @@ from .engine.build import build_engine
 from .engine.constraint import Choice, Dormant
 from .engine.engine import EngineStats, RequestHandle
 from .engine.guidance import DEFAULT_MAX_WHITESPACE, GrammarCompiler
-from .engine.request import Completion, Request
+from .engine.request import Completion, Request, TokenLogprob
 from .engine.runner import LocalRunner, Runner
 from .engine.sampling import Sampler, SamplingParams
 from .errors import MinillmError
@@ -244,6 +244,21 @@ class LLM:
         """Logits [len, vocab] (float32) for every position of token_ids: one forward, nothing cached."""
         ids = torch.tensor(self.prompt_ids(list(token_ids), in_pool=False), device=self.device)
         return self.runner.logits(ids).float()
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], top: int = 0) -> list[TokenLogprob]:
+        """Each token's log-probability given the tokens before it, with the `top` likeliest alternatives at its
+        position (the first token has none: None): what a completion with echo and logprobs returns, and what
+        evaluation harnesses sum to score a continuation."""
+        ids = list(token_ids)
+        logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)  # [len - 1, vocab]: row i predicts ids[i + 1]
+        items = [TokenLogprob(ids[0], None, None)] if ids else []
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+        best = logprobs.topk(top) if top else None
+        for i, (token, logprob) in enumerate(zip(ids[1:], chosen)):
+            alternatives = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else []
+            items.append(TokenLogprob(token, logprob, alternatives))
+        return items
 
     # -- generation -----------------------------------------------------------------------------------
 

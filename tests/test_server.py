@@ -16,6 +16,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 from minillm import LLM
 
@@ -225,6 +226,56 @@ def test_prompt_forms_stop_n_and_logprobs(server, llm):
     )
 
 
+def test_echo_logprobs_are_the_prompts_under_llm_logits(server, llm):
+    """What lm-eval's local-completions sends to score a continuation: echo, logprobs, max_tokens 0 (or 1).
+    Every prompt token's logprob is log_softmax(LLM.logits) at the position before it; the first has none."""
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = llm.tokenizer.encode(text)
+    expected = torch.log_softmax(llm.logits(ids), dim=-1)
+    for prompt in (text, ids):
+        reply = call(
+            "POST", f"{server.url}/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
+        ).json()
+        choice = reply["choices"][0]
+        echoed = text if isinstance(prompt, str) else llm.tokenizer.decode(ids, skip_special_tokens=False)
+        assert choice["text"] == echoed and reply["usage"]["completion_tokens"] == 0
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+        for i in range(1, len(ids)):
+            assert lp["token_logprobs"][i] == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-5)
+            assert max(lp["top_logprobs"][i].values()) == pytest.approx(expected[i - 1].max().item(), abs=1e-5)
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    generated = reference(llm, text, max_new_tokens=3, temperature=0)
+    reply = call(
+        "POST",
+        f"{server.url}/v1/completions",
+        {"prompt": text, "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0},
+    ).json()["choices"][0]
+    assert reply["text"] == text + generated.text and len(reply["logprobs"]["tokens"]) == len(ids) + 3
+    plain = call("POST", f"{server.url}/v1/completions", {"prompt": text, "echo": True, "max_tokens": 0}).json()
+    assert plain["choices"][0]["text"] == text and plain["choices"][0]["logprobs"] is None
+
+
+def test_tokenize_and_detokenize(server, llm):
+    text = "def add(a, b):\n    return a + b"
+    ids = call("POST", f"{server.url}/tokenize", {"prompt": text}).json()
+    assert ids["tokens"] == llm.tokenizer.encode(text) and ids["count"] == len(ids["tokens"])
+    assert ids["max_model_len"] == 512
+    messages = [{"role": "user", "content": "hi"}]
+    chat = call("POST", f"{server.url}/tokenize", {"messages": messages}).json()
+    assert chat["tokens"] == llm.chat_ids(messages)
+    back = call("POST", f"{server.url}/detokenize", {"tokens": ids["tokens"]}).json()
+    assert back == {"prompt": "<s>" + text}  # special tokens kept, as vLLM keeps them
+    for route, body, param in (
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/tokenize", {"prompt": text, "messages": messages}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": text, "add_special_tokens": 1}, "add_special_tokens"),
+    ):
+        reply = call("POST", f"{server.url}{route}", body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+
+
 def test_sixteen_concurrent_streams_equal_their_lone_results(server, llm):
     doc = "The quick brown fox jumps over the lazy dog. " * 3
     questions = [f"Question {i}: what did the fox do?" for i in range(16)]
@@ -292,8 +343,9 @@ BAD = [
     ("the last choice's seed above 64 bits", {"prompt": "x", "seed": 2**64 - 1, "n": 2}, 400, "seed"),
     ("temperature as a string", {"prompt": "x", "temperature": "0.5"}, 400, "temperature"),
     ("max_completion_tokens zero", {"prompt": "x", "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    ("echo true", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("echo with stream", {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ("echo 1", {"prompt": "x", "echo": 1}, 400, "echo"),
+    ("max_tokens zero without echo", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("suffix", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("best_of true", {"prompt": "x", "best_of": True}, 400, "best_of"),
     ("stop string too long", {"prompt": "x", "stop": "y" * 2000}, 400, "stop"),

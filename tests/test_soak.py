@@ -107,7 +107,7 @@ def job(server, greedy_text, i):
             (b"{oops", 400),
             ({"prompt": 5}, 400),
             ({"prompt": "x", "seed": 2**64}, 400),
-            ({"prompt": "x", "echo": True}, 400),
+            ({"prompt": "x", "echo": 1}, 400),
             ({"prompt": "x", "temperature": "hot"}, 400),
             (b"x" * (2**20 + 10), 413),
         ):

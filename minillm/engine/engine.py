@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ class Engine:
         self.kv = scheduler.kv
         self.pool = scheduler.kv.pool
         self.exact_tiles, self.views = exact_tiles, views
-        self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) from any thread
+        self._inbox: queue.Queue = queue.Queue()  # ("submit" | "abort", request) or ("call", (fn, future))
         self._serving = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -103,6 +104,14 @@ class Engine:
     def abort(self, request: Request) -> None:
         self._inbox.put(("abort", request))
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the engine thread between two steps (from a server's handler: a forward of the model
+        outside any request, such as echo's prompt logprobs, must not run beside a step); its result or
+        exception comes back through the Future."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
     # -- the engine thread ----------------------------------------------------------------------------
 
     def _take_inbox(self, wait: float = 0.0) -> None:
@@ -117,6 +126,13 @@ class Engine:
                 self.scheduler.add(r)
             elif kind == "abort":
                 self._end(r, "abort")
+            elif kind == "call":
+                fn, future = r
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # the caller's to handle, not the engine's
+                        future.set_exception(e)
 
     @torch.inference_mode()
     def step(self) -> bool:

@@ -40,12 +40,13 @@ DONE = None  # end of a handle's stream
 
 @dataclass
 class TokenLogprob:
-    """A generated token's log-probability under the model (raw logits, before any sampling setting), and the
-    most likely alternatives at that step: [(token id, logprob)], best first."""
+    """A token's log-probability under the model (raw logits, before any sampling setting), and the most likely
+    alternatives at that position: [(token id, logprob)], best first. A prompt's first token has neither
+    (None): nothing comes before it."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass

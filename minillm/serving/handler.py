@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import logging
 
@@ -14,7 +15,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from ..engine.request import DONE, Request
+from ..engine.request import DONE, Completion, Request
 from ..errors import MinillmError
 from ..limits import InvalidSetting
 from ..options import ServerOptions
@@ -156,6 +157,21 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
             kind="rate_limit_error",
             code="queue_full",
         )
+    echoes = await echo_prompts(app, parsed, requests) if parsed["echo"] else None
+    if not parsed["generate"]:  # max_tokens 0 with echo: the prompts' logprobs were the whole answer
+        completions = [
+            Completion("", [], len(r.prompt), "length", logprobs=[] if r.logprobs is not None else None)
+            for r in requests
+        ]
+        return openai_api.response(
+            endpoint,
+            openai_api.new_id(endpoint),
+            app.settings.model_name,
+            completions,
+            parsed["n"],
+            app.token_text,
+            echoes=echoes,
+        )
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for i, r in enumerate(requests):
@@ -182,8 +198,23 @@ async def generate(app: App, http: HttpRequest, endpoint: str):
     tools = parsed["tools"]
     replies = [structured.split_tool_calls(c.text) for c in completions] if tools and tools.active else None
     return openai_api.response(
-        endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text, replies
+        endpoint, request_id, app.settings.model_name, completions, parsed["n"], app.token_text, replies, echoes
     )
+
+
+async def echo_prompts(app: App, parsed: dict, requests: list[Request]) -> list[tuple[str, list]]:
+    """Each choice's prompt as echo returns it: its text (as sent, or decoded from its ids) and, if logprobs
+    were asked for, each prompt token's logprobs. They come from one forward of the prompt outside the engine's
+    requests (LLM.prompt_logprobs), run on the engine's thread between two steps (Engine.call)."""
+    n, echoes = parsed["n"], []
+    for prompt, r in zip(parsed["prompts"], requests[::n]):
+        text = prompt if isinstance(prompt, str) else app.llm.tokenizer.decode(r.prompt, skip_special_tokens=False)
+        items = []
+        if r.logprobs is not None:
+            future = app.engine.call(functools.partial(app.llm.prompt_logprobs, r.prompt, r.logprobs))
+            items = await asyncio.wrap_future(future)
+        echoes.extend([(text, items)] * n)
+    return echoes
 
 
 async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoint: str, request_id: str, parsed: dict):
@@ -265,6 +296,18 @@ async def stream(app: App, requests: list[Request], queue: asyncio.Queue, endpoi
         yield "data: [DONE]\n\n"
     finally:
         app.abort_unfinished(requests)
+
+
+async def tokens(app: App, http: HttpRequest, route: str) -> dict:
+    """/tokenize and /detokenize (vLLM's form): text or chat messages to ids, ids to text, with the model's
+    tokenizer and chat template, so a client can count, cut and check prompts as the server sees them."""
+    app.check_key(http)
+    body = await read_body(http, app.settings.max_body_bytes)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    return await asyncio.to_thread(openai_api.tokens, app.llm, data, route, app.settings.model_name)
 
 
 def return_freed_memory() -> None:

@@ -15,6 +15,7 @@ from dataclasses import fields
 from .. import limits
 from ..engine.request import Completion, TokenLogprob
 from ..engine.sampling import SamplingParams
+from ..errors import MinillmError
 
 # Body fields that are generation settings, and their names in LLM.generate (checked by limits.py). The
 # first of two fields for one setting wins.
@@ -35,7 +36,7 @@ FIELDS = {
 }
 MAX_N = 16
 MAX_STOPS = 4  # OpenAI's limit
-DEFAULT_ONLY = {"echo": False, "suffix": None, "best_of": 1}  # fields refused unless they ask for the default
+DEFAULT_ONLY = {"suffix": None, "best_of": 1}  # fields refused unless they ask for the default
 FIELD_OF_OPTION = {"max_new_tokens": "max_tokens"}  # the other settings' fields have their names
 
 
@@ -70,7 +71,9 @@ def _number(body: dict, name: str, kind=float, low=None, high=None):
 
 def parse(body, endpoint: str, model_name: str) -> dict:
     """Check a request body; returns {"prompts": [...], "options": {...}, "n": int, "stream": bool,
-    "include_usage": bool} where each prompt is text, token ids or chat messages."""
+    "include_usage": bool, "echo": bool, "generate": bool} where each prompt is text, token ids or chat
+    messages. echo (completions): the answer starts with the prompt, and logprobs cover the prompt's tokens too
+    (the first one's are null); with max_tokens 0 nothing is generated (generate: False)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - FIELDS[endpoint] - IGNORED)
@@ -87,6 +90,14 @@ def parse(body, endpoint: str, model_name: str) -> dict:
     for name, default in DEFAULT_ONLY.items():  # type too: in Python True == 1 and 1 == 1.0
         if name in body and not (type(body[name]) is type(default) and body[name] == default):
             raise ApiError(400, f"'{name}' is not supported (only its default, {json.dumps(default)})", name)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ApiError(400, "'echo' must be true or false", "echo")
+    if echo and body.get("stream"):
+        raise ApiError(400, "'echo' is not supported with 'stream'; ask without streaming", "echo")
+    score_only = echo and type(body.get("max_tokens")) is int and body["max_tokens"] == 0
+    if score_only:  # the prompt's logprobs and nothing generated (what evaluation harnesses ask for)
+        body = {k: v for k, v in body.items() if k != "max_tokens"}
     options = {}
     for field, option in OPTION_OF_FIELD.items():  # types and ranges: the engine's own (limits.py)
         value = body.get(field)
@@ -125,6 +136,8 @@ def parse(body, endpoint: str, model_name: str) -> dict:
         "n": n,
         "stream": stream,
         "include_usage": bool(stream_options.get("include_usage")),
+        "echo": echo,
+        "generate": not score_only,
     }
 
 
@@ -208,6 +221,8 @@ def logprobs_json(items: list[TokenLogprob], endpoint: str, token_text, offset: 
         at += len(t)
 
     def top(item):  # keyed by text, as OpenAI's format has it: tokens with the same text keep the likeliest
+        if item.top is None:  # an echoed prompt's first token
+            return None
         alternatives = {}
         for t, lp in item.top:
             alternatives.setdefault(token_text(t), lp)
@@ -229,11 +244,14 @@ def response(
     n: int,
     token_text,
     replies: list[tuple[str | None, list[dict]]] | None = None,
+    echoes: list[tuple[str, list[TokenLogprob]]] | None = None,
 ) -> dict:
-    """replies: each chat choice's (content, tool calls), where the request had tools (structured.py)."""
+    """replies: each chat choice's (content, tool calls), where the request had tools (structured.py).
+    echoes: each completion choice's prompt (text, per-token logprobs), where the request had echo."""
     choices = []
     for index, c in enumerate(completions):
-        lp = logprobs_json(c.logprobs, endpoint, token_text) if c.logprobs is not None else None
+        echo_text, echo_logprobs = echoes[index] if echoes else ("", [])
+        lp = logprobs_json(echo_logprobs + c.logprobs, endpoint, token_text) if c.logprobs is not None else None
         if endpoint == "chat":
             content, calls = replies[index] if replies else (c.text, [])
             message = {"role": "assistant", "content": content}
@@ -242,7 +260,9 @@ def response(
             finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
             choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
-            choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            choices.append(
+                {"index": index, "text": echo_text + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+            )
     return {
         "id": request_id,
         "object": "chat.completion" if endpoint == "chat" else "text_completion",
@@ -290,3 +310,45 @@ def usage_chunk(endpoint: str, request_id: str, model: str, completions: list[Co
         "choices": [],
         "usage": usage(completions, n),
     }
+
+
+def tokens(llm, body, route: str, model_name: str) -> dict:
+    """/tokenize: {"prompt": text} or {"messages": [...]} (rendered with the chat template, generation prompt
+    added unless "add_generation_prompt": false) -> {"tokens", "count", "max_model_len"}; "add_special_tokens"
+    (default true) as for a completion's prompt. /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    allowed = (
+        {"model", "tokens"}
+        if route == "detokenize"
+        else {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
+    )
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unsupported field(s): {', '.join(unknown)}", unknown[0])
+    if body.get("model") not in (None, model_name):
+        raise ApiError(400, f"the model '{body['model']}' does not exist; this server serves '{model_name}'", "model")
+    vocab = llm.tokenizer.vocab_size
+    if route == "detokenize":
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids (0 to {vocab - 1})", "tokens")
+        return {"prompt": llm.tokenizer.decode(ids, skip_special_tokens=False)}
+    flags = {name: body.get(name, True) for name in ("add_special_tokens", "add_generation_prompt")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ApiError(400, f"'{name}' must be true or false", name)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "send either 'prompt' (text) or 'messages' (a chat)", "prompt")
+    try:
+        if "prompt" in body:
+            if not isinstance(body["prompt"], str):
+                raise ApiError(400, "'prompt' must be a string", "prompt")
+            ids = llm.tokenizer.encode(body["prompt"], add_special_tokens=flags["add_special_tokens"])
+        else:
+            if not isinstance(body["messages"], list) or not all(isinstance(m, dict) for m in body["messages"]):
+                raise ApiError(400, "'messages' must be a list of message objects", "messages")
+            ids = llm.tokenizer.encode_chat(body["messages"], add_generation_prompt=flags["add_generation_prompt"])
+    except MinillmError as e:
+        raise ApiError(400, str(e), "messages" if "messages" in body else "prompt") from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.context_length}

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import MinillmError
 from ..options import ServerOptions
-from .handler import App, generate
+from .handler import App, generate, tokens
 from .openai_api import ApiError
 
 
@@ -74,6 +74,14 @@ def create_app(llm, settings: ServerOptions) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         return await generate(app, http, "chat")
+
+    @api.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        return await tokens(app, http, "tokenize")
+
+    @api.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        return await tokens(app, http, "detokenize")
 
     return api
 
