@@ -43,9 +43,10 @@ def _random_k_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) 
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(folder: Path, path: Path, kind: str = "F32", seed: int = 0) -> Path:
+def write_gguf(folder: Path, path: Path, kind: str = "F32", seed: int = 0, spm: list | None = None) -> Path:
     """The checkpoint in `folder` as a GGUF file: 2-D weights in block type `kind` (the embedding too), norms
-    and biases in F32 as llama.cpp keeps them."""
+    and biases in F32 as llama.cpp keeps them. spm: a SentencePiece vocabulary [(piece, score, type)] to write
+    instead of the checkpoint's byte-level BPE (as llama.cpp writes a Llama 2 or Mistral tokenizer.model)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -74,14 +75,23 @@ def write_gguf(folder: Path, path: Path, kind: str = "F32", seed: int = 0) -> Pa
     tokens = [vocab.get(i, f"[PAD{i}]") for i in range(config["vocab_size"])]
     types = [3 if i in specials else 4 if i not in vocab else 1 for i in range(config["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if spm is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_add_bos_token(tok_config.get("bos_token") is not None)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([piece for piece, _, _ in spm])
+        writer.add_token_scores([score for _, score, _ in spm])
+        writer.add_token_types([kind for _, _, kind in spm])
+        writer.add_unk_token_id(0)
+        writer.add_add_bos_token(True)
+        writer.add_add_space_prefix(True)
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_add_bos_token(tok_config.get("bos_token") is not None)
     writer.add_chat_template(tok_config["chat_template"])
     rng = np.random.default_rng(seed)
     for name, tensor in load_file(folder / "model.safetensors").items():

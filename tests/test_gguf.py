@@ -89,6 +89,18 @@ def test_tokenizer_and_template_come_from_the_metadata(tiny):
     assert converted.tokenizer.bos_token == "<s>"
 
 
+def test_sentencepiece_vocabulary_tokenizes_as_llama_cpp(tmp_path):
+    """A Llama-2/Mistral-style vocabulary (tokenizer.ggml.model = llama: pieces and scores, "▁" for spaces,
+    <0xNN> byte tokens): the ids llama.cpp gives on the varied text, and the text back from them."""
+    vocab = json.loads((DATA / "spm_vocab.json").read_text(encoding="utf-8"))
+    folder = make_checkpoint(tmp_path / "spm", "llama", vocab_size=len(vocab), bos_token_id=1, eos_token_id=2)
+    llm = LLM.load(write_gguf(folder, tmp_path / "spm.gguf", "F32", spm=vocab))
+    text = _varied_text()
+    ids = llm.tokenizer.encode(text)
+    assert ids == json.loads((DATA / "spm_llama_cpp_ids.json").read_text())["ids"]
+    assert llm.tokenizer.decode(ids) == text and llm.tokenizer.bos_token == "<s>"
+
+
 def test_convert_cli_writes_a_folder_transformers_loads(tiny, tmp_path):
     import transformers
 
