@@ -71,8 +71,8 @@ class LLM:
         self.model = model
         # what runs each forward: this process, or under tensor parallelism rank 0's ranks.Leader (runner.py)
         self.runner = runner or LocalRunner(model)
-        # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "q8_0", "q4_1-g32",
-        # "bf16-kept") is what the loader made of the matrices
+        # what the disk tier's fingerprint hashes; the weight form ("plain", "prepacked", "q8_0",
+        # "q4_1-g32-head-q8_0", "bf16-kept") is what the loader made of the matrices
         self.model_dir = model_dir
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer

@@ -140,7 +140,7 @@ def test_stacked_parts_equal_separate_layers():
 @pytest.mark.parametrize("mode,tied", [("int8", True), ("int8", False), ("int4", True), ("int4", False)])
 def test_embedding_rows_come_from_the_tied_head_or_an_int8_table(checkpoint, mode, tied):
     """A lookup gives the dequantized rows of the checkpoint's table: tied, read from the quantized head
-    itself (one copy of that matrix); untied, from an int8 table of its own."""
+    itself (one copy of that matrix); untied, from an int8 table of its own. int4 keeps the head int8."""
     folder = checkpoint("qwen2", tie_word_embeddings=tied)
     plain = LLM.load(folder, dtype="float32", prepack=False).model
     model = LLM.load(folder, dtype="float32", quantize=mode).model
@@ -148,11 +148,8 @@ def test_embedding_rows_come_from_the_tied_head_or_an_int8_table(checkpoint, mod
     table = plain.model.embed_tokens.weight.detach()
     tokens = torch.tensor([0, 5, 5, 17, 31, 32, 63, 64, 100, plain.config.vocab_size - 1])
     assert isinstance(embed, QuantizedEmbedding) and (embed.table is head) == tied
-    if tied and mode == "int4":
-        expected = dequantize(*quantize_int4(table, head.group_size))[tokens]
-    else:
-        expected = dequantize(*quantize_int8(table))[tokens]
-    assert torch.equal(embed(tokens), expected)
+    assert head.mode == "int8" and model.model.layers[0].mlp.down_proj.mode == mode
+    assert torch.equal(embed(tokens), dequantize(*quantize_int8(table))[tokens])
     assert all(p.dim() == 1 for p in model.parameters())  # norms only: no float matrix (the table) is left
 
 
@@ -209,7 +206,7 @@ def test_quantized_bundled_model_stays_close_to_float32(bundled_float32, mode, w
     spread), and the same next token at least `agree` of the time. (tools/bench_quality.py measures
     the held-out loss itself.)"""
     quantized = LLM.load(dtype="float32", quantize=mode)
-    assert quantized.model.weight_form == ("q8_0" if mode == "int8" else "q4_1-g32")
+    assert quantized.model.weight_form == ("q8_0" if mode == "int8" else "q4_1-g32-head-q8_0")
     ids = quantized.tokenizer.encode(
         "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
     )
@@ -226,9 +223,20 @@ def test_cache_batching_and_exact_mode_on_quantized_models(mode, dtype):
     text = "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
     doc = llm.tokenizer.encode(text * 8)
     prompts = [doc + llm.tokenizer.encode(q) for q in ("        print(name)\n", "    return 0\n", "class A:\n")]
-    cold = [llm.generate(p, max_new_tokens=8, temperature=0, use_prefix_cache=False).token_ids for p in prompts]
-    batched = llm.generate(prompts, max_new_tokens=8, temperature=0)
-    assert [c.token_ids for c in batched] == cold and sum(c.cached_tokens for c in batched) > 0
+    cold = [
+        llm.generate(p, max_new_tokens=8, temperature=0, use_prefix_cache=False, return_logits=True) for p in prompts
+    ]
+    batched = llm.generate(prompts, max_new_tokens=8, temperature=0, return_logits=True)
+    assert sum(c.cached_tokens for c in batched) > 0
+    for c, b in zip(cold, batched):
+        # fast mode: lone and batched rows take different products (the kernels quantize few rows' activations,
+        # bf16 rounds differently), so logits agree closely and tokens agree up to a near tie
+        steps = min(len(c.token_ids), len(b.token_ids))
+        diffs = (c.logits[:steps] - b.logits[:steps]).abs().amax(-1)
+        assert diffs.max() <= 0.05 * c.logits.abs().max()
+        margins = c.logits[:steps].topk(2).values.diff(dim=-1).abs()[:, 0]
+        clear = next((i for i in range(steps) if margins[i] <= 2 * diffs[i]), steps)
+        assert b.token_ids[:clear] == c.token_ids[:clear]
     exact = LLM.load(dtype=dtype, quantize=mode, exact=True)
     exact.defaults.eos_token_ids = []
     exact.generate(doc[:133] + [7, 8, 9], max_new_tokens=2)  # caches two whole 64-token chunks

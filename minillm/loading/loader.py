@@ -236,7 +236,7 @@ def load_model(
         model.weight_form = "prepacked"
     if quantize is not None:
         quantization.quantize_linears(model, quantize, dtype, group_size, release)
-        model.weight_form = "q8_0" if quantize == "int8" else f"q4_1-g{group_size}"
+        model.weight_form = "q8_0" if quantize == "int8" else f"q4_1-g{group_size}-head-q8_0"
     if keep_bf16:
         quantization.quantize_linears(model, "bf16", dtype, release=release)
         model.weight_form = "bf16-kept"

@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so its speed is bytes per token: int8 halves bf16's bytes and
 int4 quarters them. Only the matrices are quantized (the embedding table is read from the quantized head when
-tied, else kept as an int8 table); the KV cache, norms and every sum stay in the model's dtype.
+tied, else kept as an int8 table); the KV cache, norms and every sum stay in the model's dtype. int4 keeps the
+output head in int8, as llama.cpp's 4-bit files do.
 
 - int8 (Q8_0): w = d * q per block of 32 input channels, q in -127..127, d = max |w| of the block / 127.
 - int4 (Q4_1): w = d * q + m per group of `group_size` input channels (32 by default, as Q4_1), q in 0..15,
@@ -246,11 +247,15 @@ def quantize_linears(
     tied = model.lm_head.weight is embed.weight
     c = model.rank_config
     scratch = torch.empty(DENSE_BLOCK * max(c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim), dtype=dtype)
-    replace_linears(
-        model,
-        lambda *linears: QuantizedLinear(*linears, mode=mode, dtype=dtype, group_size=group_size, scratch=scratch),
-        release,
-    )
+    head = id(model.lm_head)  # an id, not a reference: the float head must be freed once replaced
+
+    def build(*linears: nn.Linear) -> QuantizedLinear:
+        # int4 keeps the output head in int8, as llama.cpp's 4-bit files keep theirs (Q6_K or Q8_0): the head
+        # picks the token itself, and 4 bits there cost most of int4's KL divergence on SmolLM2 (README).
+        own = "int8" if mode == "int4" and id(linears[0]) == head else mode
+        return QuantizedLinear(*linears, mode=own, dtype=dtype, group_size=group_size, scratch=scratch)
+
+    replace_linears(model, build, release)
     if tied:
         table = model.lm_head
     else:

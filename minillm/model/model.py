@@ -211,8 +211,8 @@ class CausalLM(nn.Module):
         self.model = Decoder(self.rank_config)
         self.lm_head = nn.Linear(config.hidden_size, self.rank_config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
-        # what the loader made of the matrices ("plain", "prepacked", "q8_0", "q4_1-g32", "bf16-kept"): the
-        # disk tier keeps KV computed by each form apart
+        # what the loader made of the matrices ("plain", "prepacked", "q8_0", "q4_1-g32-head-q8_0", "bf16-kept"):
+        # the disk tier keeps KV computed by each form apart
         self.weight_form = "plain"
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, logit_rows=slice(None)) -> torch.Tensor:
