@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if not peers:
         print("bench_decode: llama.cpp skipped (no llama-bench or no GGUF files; see README)", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
-    decode_prompt = torch.randint(1000, 150000, (128,), generator=g).tolist()
-    prefill_prompt = torch.randint(1000, 150000, (512,), generator=g).tolist()
+    vocab = min(150000, next(iter(llms.values())).config.vocab_size)
+    decode_prompt = torch.randint(1000, vocab, (128,), generator=g).tolist()
+    prefill_prompt = torch.randint(1000, vocab, (512,), generator=g).tolist()
 
     def decode(name: str) -> float:
         if name == "read_bandwidth":
