@@ -129,6 +129,21 @@ def test_load_converts_once_into_the_cache(tiny, tmp_path):
     assert not list(first.parent.glob("*.partial-*"))
 
 
+def test_an_interrupted_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """A conversion that fails while writing (disk full, Ctrl-C) leaves neither OUT_DIR nor its partial copy."""
+    import safetensors.torch
+
+    _, path = tiny("llama", "Q8_0")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(MinillmError, match="No space left on device"):
+        gguf_import.convert(path, tmp_path / "out")
+    assert not list(tmp_path.glob("out*"))
+
+
 def _write_with(path: Path, arch: str, tensor_type: str | None = None) -> Path:
     import gguf
     import numpy as np

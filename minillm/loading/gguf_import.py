@@ -254,15 +254,32 @@ def _hf_name(name: str) -> str | None:
 
 
 def convert(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the Hugging Face folder of a GGUF file into out_dir (created; must be empty or absent).
-    dtype: what dequantized tensors are written as (F16/BF16/F32 tensors keep theirs unless it is narrower)."""
-    from safetensors.torch import save_file
-
+    """Write the Hugging Face folder of a GGUF file as out_dir (absent or empty). It is written beside, as
+    OUT_DIR.partial-PID, and renamed into place when complete, so an interrupted or failed conversion leaves
+    nothing that looks finished. dtype: what dequantized tensors are written as (F16/BF16/F32 tensors keep
+    theirs unless it is narrower)."""
     path, out_dir = Path(path), Path(out_dir)
     if not path.is_file():
         raise MinillmError(f"GGUF file {path} does not exist")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MinillmError(f"{out_dir} is not empty; name a new folder for the converted checkpoint")
+    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_folder(path, partial, dtype)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(partial, out_dir)
+    except OSError as e:  # disk full, no permission, another process's folder in the way
+        raise MinillmError(f"could not write {out_dir} ({e.strerror or e}); nothing was left there") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out_dir
+
+
+def _write_folder(path: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
     gguf, reader = _reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -311,27 +328,23 @@ def convert(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.fl
     generation = {"bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id")}
     generation["eos_token_id"] = sorted({i for i in (eos, eot) if i is not None})
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return out_dir
 
 
 def cached_folder(path: Path, dtype: torch.dtype | None = None) -> Path:
     """The converted folder of a GGUF file, converted on first use into the cache (keyed by the file's path,
-    size and modification time, so an edited file converts again). Written beside and renamed into place, so
-    an interrupted conversion leaves nothing a later load would take for finished."""
+    size and modification time, so an edited file converts again). Two processes converting the same file at
+    once both succeed: the second rename finds the first one's folder in place and keeps it."""
     dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        convert(path, partial, dtype)
-        os.replace(partial, folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        convert(path, folder, dtype)
+    except MinillmError:
+        if not (folder / "config.json").is_file():  # not another process's finished conversion
+            raise
     return folder
 
 
