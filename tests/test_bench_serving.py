@@ -97,6 +97,9 @@ def test_compare_runs_the_ablation_and_skips_missing_peers(folder, tmp_path, cap
             "--quick",
             "--kv-mb",
             "4",
+            "--concurrency",
+            "1,2",
+            "--poisson",
             "--out",
             str(out),
             "--server-log",
@@ -107,7 +110,13 @@ def test_compare_runs_the_ablation_and_skips_missing_peers(folder, tmp_path, cap
     err = capsys.readouterr().err
     assert "llama-server skipped" in err and "vLLM skipped" in err
     result = json.loads(out.read_text())
-    by_label = {r["label"]: r for r in result["runs"]}
-    assert set(by_label) == {"lpm", "no-cache"}
-    assert by_label["lpm"]["cache_hit_rate"] > 0.2 and by_label["no-cache"]["cache_hit_rate"] == 0
-    assert "shared-prefix: no-cache / lpm" in result["ratios"]
+    runs = {(r["label"], r["max_concurrency"], r["request_rate"] is None): r for r in result["runs"]}
+    assert {label for label, _, _ in runs} == {"lpm", "no-cache"} and len(runs) == 6  # 2 levels + Poisson each
+    for label in ("lpm", "no-cache"):
+        closed = runs[(label, 2, True)]
+        poisson = runs[(label, bench_serving_compare.POISSON_MAX_IN_FLIGHT, False)]
+        # Poisson arrivals at 90% of the rate the server sustained with 2 in flight
+        assert poisson["request_rate"] == round(0.9 * closed["request_throughput"], 4)
+        assert all(r["server_rss_mib"] > 50 for r in (closed, poisson))  # a Python process with torch loaded
+    assert runs[("lpm", 1, True)]["cache_hit_rate"] > 0.2 and runs[("no-cache", 1, True)]["cache_hit_rate"] == 0
+    assert {"shared-prefix @1: no-cache / lpm", "shared-prefix @2: no-cache / lpm"} == set(result["ratios"])

@@ -36,6 +36,19 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: a panel of 256 and a short one; 37: a tail of 5
+def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features):
+    """linear_f32 goes through W in tiles of 4 rows of W for 4 rows of x or more (2 rows of x at a time, the
+    odd one alone) and a row of W at a time for fewer: every output must still be summed in one order, so a
+    row of x gets the same bits alone, in a pair, or in batches that put it in either half of a pair."""
+    torch.manual_seed(3)
+    w, x = torch.randn(203, in_features), torch.randn(9, in_features)  # 203 = 50 tiles of 4 and 3 rows alone
+    alone = torch.cat([compiled.linear_f32(x[i : i + 1], w) for i in range(len(x))])
+    assert (alone - x @ w.T).abs().max() <= 1e-5 * (x @ w.T).abs().max()
+    for first, count in [(0, 2), (0, 3), (0, 4), (1, 5), (0, 9), (2, 7)]:
+        assert torch.equal(compiled.linear_f32(x[first : first + count], w), alone[first : first + count])
+
+
 @pytest.mark.parametrize("in_features,group", [(416, 32), (896, 32), (896, 128), (448, 64)])
 def test_int4_kernel_covers_blocks_in_pairs_and_the_rest_alone(in_features, group):
     """linear_q4_1 takes 8 blocks at a time as pairs and the remaining blocks one by one (416 = 13 blocks:
@@ -46,6 +59,34 @@ def test_int4_kernel_covers_blocks_in_pairs_and_the_rest_alone(in_features, grou
     expected = quantize.quantize_activations(x) @ quantize.dequantize(q, d, m).T
     got = compiled.linear_q4_1(x, q, d, m)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (4, 4, 32), (8, 2, 128), (6, 3, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_attention_in_the_pool_equals_gathered_attention(heads, kv_heads, head_dim, dtype):
+    """Sequences of 1 to 1,100 keys in scattered slots: the same attention as gathering them and running the
+    model's own attend (softmax in float32 both ways; bf16 KV widened exactly, the result rounded once)."""
+    from minillm.model.model import attend
+
+    torch.manual_seed(5)
+    keys, values = torch.randn(kv_heads, 3000, head_dim).to(dtype), torch.randn(kv_heads, 3000, head_dim).to(dtype)
+    lengths = [1, 7, 9, 300, 1100]
+    slots = [torch.randperm(3000)[:n] for n in lengths]
+    q = torch.randn(heads, len(lengths), head_dim).to(dtype)
+    starts = torch.tensor([0] + lengths).cumsum(0)
+    got = compiled.decode_attention(q, keys, values, torch.cat(slots), starts)
+    expected = torch.cat(
+        [
+            attend(
+                q[:, i : i + 1].float(), keys.index_select(1, s).float(), values.index_select(1, s).float(), None, False
+            )
+            for i, s in enumerate(slots)
+        ]
+    )
+    assert got.dtype == dtype and got.shape == (len(lengths), heads * head_dim)
+    torch.testing.assert_close(got.float(), expected, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        compiled.decode_attention(q[:, :1], keys, values, torch.tensor([3000]), torch.tensor([0, 1]))
 
 
 def test_bad_shapes_are_refused_with_the_reason():

@@ -21,8 +21,17 @@ Each peer is skipped with a message when it is not found (--llama-server, $LLAMA
 $VLLM_PYTHON).
 
 Workload sizes (the issue's targets): shared-prefix 8 groups x 8 prompts, 1,024-token prefix, 64-token
-question; chat 8 conversations x 6 turns of 64-token messages over the chat endpoint; random 32 prompts of
-512-1,024 tokens; 64 output tokens each, 8 in flight.
+question; rag 8 documents of 1,024 tokens x 4 questions of 32 tokens; chat 8 conversations x 6 turns of
+64-token messages over the chat endpoint; random 32 prompts of 512-1,024 tokens; 64 output tokens each, 8 in
+flight. `--sizes small` halves the request count (shared-prefix 4 x 8, rag 4 x 4, chat 4 x 6, random 16),
+for sweeps.
+
+Sweeps: `--concurrency 1,2,4,8,16,32` runs every level against a server started once per workload, each
+level with fresh prompts; `--poisson` adds one run with Poisson arrivals at 90% of the request rate the
+server sustained at the highest level (its capacity), at most 64 in flight. After a server's runs, the
+resident memory of its whole process tree (vLLM's engine runs in a child process) is recorded with them.
+`--plot` draws throughput against concurrency (a sweep) or per workload (one level), and the TTFT and
+end-to-end latency distributions (CDFs) at --cdf-at in flight.
 """
 
 from __future__ import annotations
@@ -51,9 +60,13 @@ MINILLM = {
 }
 WORKLOADS = {  # name: (endpoint, sizes)
     "shared-prefix": ("completions", dict(groups=8, prompts_per_group=8, prefix_len=1024, question_len=64)),
+    "rag": ("completions", dict(groups=8, prompts_per_group=4, prefix_len=1024, question_len=32)),
     "chat": ("chat", dict(groups=8, question_len=64, turns=6)),
     "random": ("completions", dict(groups=4, prompts_per_group=8, prefix_len=1024)),
 }
+SMALL = {"shared-prefix": dict(groups=4), "rag": dict(groups=4), "chat": dict(groups=4), "random": dict(groups=2)}
+POISSON_LOAD = 0.9  # the Poisson run's rate, as a fraction of the closed loop's request rate at the top level
+POISSON_MAX_IN_FLIGHT = 64
 QUICK = dict(groups=2, prompts_per_group=2, prefix_len=48, question_len=8, turns=2)  # --quick: a smoke run
 
 
@@ -75,9 +88,9 @@ def llama_server_command(args, port: int) -> list[str]:
         "-tb",
         str(args.threads),
         "-np",
-        str(args.concurrency),
+        str(max(args.levels)),
         "-c",
-        str(args.concurrency * args.slot_context),
+        str(max(args.levels) * args.slot_context),
         "--jinja",
         "--no-webui",
     ]
@@ -172,7 +185,9 @@ def versions(args) -> dict:
     return out
 
 
-def plot(runs: list[dict], path: Path, title: str) -> None:
+def plot(runs: list[dict], path: Path, title: str, cdf_at: int) -> None:
+    """One row per workload: output throughput against concurrency (bars for one level), then the time to
+    first token and end-to-end latency CDFs of the closed-loop run at cdf_at in flight (or the only level)."""
     try:
         import matplotlib
 
@@ -183,40 +198,51 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         return
     workloads = list(dict.fromkeys(r["workload"] for r in runs))
     servers = list(dict.fromkeys(r["label"] for r in runs))
-    fig, axes = plt.subplots(1, 1 + len(workloads), figsize=(5 * (1 + len(workloads)), 4.2))
-    width = 0.8 / len(servers)
     color = {server: f"C{j}" for j, server in enumerate(servers)}  # one colour per server in every panel
-    for j, server in enumerate(servers):
-        heights = [
-            next((r["output_token_throughput"] for r in runs if r["workload"] == w and r["label"] == server), 0)
-            for w in workloads
-        ]
-        axes[0].bar([i + j * width for i in range(len(workloads))], heights, width, label=server, color=color[server])
-    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
-    axes[0].set(ylabel="output tokens / s", title="throughput")
-    for ax, workload in zip(axes[1:], workloads):
-        for r in sorted((r for r in runs if r["workload"] == workload), key=lambda r: servers.index(r["label"])):
-            s = r["ttft_samples_ms"]
-            ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=r["label"], color=color[r["label"]])
-        ax.set(xlabel="ms", ylabel="fraction of requests", title=f"{workload}: time to first token", xscale="log")
-    for ax in axes:
+    closed = [r for r in runs if r["request_rate"] is None]
+    levels = sorted({r["max_concurrency"] for r in closed})
+    fig, axes = plt.subplots(len(workloads), 3, figsize=(15, 3.8 * len(workloads)), squeeze=False)
+    for row, workload in zip(axes, workloads):
+        mine = [r for r in closed if r["workload"] == workload]
+        for j, server in enumerate(servers):
+            points = sorted((r["max_concurrency"], r["output_token_throughput"]) for r in mine if r["label"] == server)
+            if len(levels) > 1:
+                row[0].plot(*zip(*points), marker="o", label=server, color=color[server])
+            elif points:
+                row[0].bar(j, points[0][1], label=server, color=color[server])
+        if len(levels) > 1:
+            row[0].set(xscale="log", xticks=levels, xticklabels=levels, xlabel="requests in flight")
+        else:
+            row[0].set_xticks([])
+        row[0].set(ylabel="output tokens / s", title=f"{workload}: throughput")
+        at = cdf_at if cdf_at in levels else levels[-1]
+        panels = [(row[1], "ttft_samples_ms", "time to first token"), (row[2], "e2e_samples_ms", "end to end")]
+        for ax, key, name in panels:
+            for r in sorted((r for r in mine if r["max_concurrency"] == at), key=lambda r: servers.index(r["label"])):
+                fraction = [(i + 1) / len(r[key]) for i in range(len(r[key]))]
+                ax.plot(r[key], fraction, label=r["label"], color=color[r["label"]])
+            title = f"{workload}, {at} in flight: {name}"
+            ax.set(xlabel="ms", ylabel="fraction of requests", title=title, xscale="log")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def ratios(runs: list[dict], base: str) -> dict:
-    """Per workload, each other server's figures over `base`'s: throughput and median TTFT."""
+    """Per workload (and concurrency level, in a sweep), each other server's figures over `base`'s: output
+    throughput, median TTFT, the cache hit rates. Poisson runs are left out: each server's ran at its own rate."""
     out = {}
-    for workload in dict.fromkeys(r["workload"] for r in runs):
-        ref = next((r for r in runs if r["workload"] == workload and r["label"] == base), None)
-        if ref is None:
-            continue
-        for r in runs:
-            if r["workload"] == workload and r["label"] != base and r["output_token_throughput"]:
-                out[f"{workload}: {r['label']} / {base}"] = {
+    closed = [r for r in runs if r["request_rate"] is None]
+    sweep = len({r["max_concurrency"] for r in closed}) > 1
+    for ref in (r for r in closed if r["label"] == base):
+        for r in closed:
+            same = r["workload"] == ref["workload"] and r["max_concurrency"] == ref["max_concurrency"]
+            if same and r["label"] != base and r["output_token_throughput"]:
+                where = f"{r['workload']} @{r['max_concurrency']}" if sweep else r["workload"]
+                out[f"{where}: {r['label']} / {base}"] = {
                     "output_throughput": round(r["output_token_throughput"] / ref["output_token_throughput"], 3),
                     "median_ttft": round(r["ttft_ms"]["median"] / ref["ttft_ms"]["median"], 3),
                     "cache_hit_rate": [r["cache_hit_rate"], ref["cache_hit_rate"]],
@@ -236,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workloads", default="shared-prefix,chat,random", help="comma list of: " + ", ".join(WORKLOADS)
     )
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (and llama-server slots)")
+    parser.add_argument(
+        "--concurrency", default="8", help="requests in flight, or a comma list to sweep (llama-server: slots for most)"
+    )
+    parser.add_argument("--poisson", action="store_true", help="add a Poisson-arrival run near each server's capacity")
+    parser.add_argument("--sizes", choices=["full", "small"], default="full", help="small: half the requests (sweeps)")
+    parser.add_argument("--cdf-at", type=int, default=8, help="the concurrency whose latency CDFs --plot draws")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server threads")
     parser.add_argument(
@@ -258,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (tests use it)")
     args = parser.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",")]
     servers = args.servers.split(",")
     unknown = [s for s in servers if s not in MINILLM and s != "llama-server" and s not in VLLM]
     if unknown or any(w not in WORKLOADS for w in args.workloads.split(",")):
@@ -285,31 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.server_log, "w") as log:
         for i, workload in enumerate(args.workloads.split(",")):
             endpoint, sizes = WORKLOADS[workload]
+            sizes = {**sizes, **SMALL[workload]} if args.sizes == "small" else sizes
             sizes = {**sizes, **QUICK} if args.quick else sizes
             order = servers if i % 2 == 0 else servers[::-1]  # alternate who goes first
             for name in order:
                 proc, port = start(name, args, log)
                 try:
-                    settings = argparse.Namespace(
-                        **{
-                            **vars(add_defaults()),
-                            **sizes,
-                            "base_url": f"http://127.0.0.1:{port}",
-                            "endpoint": endpoint,
-                            "output_len": 4 if args.quick else args.output_len,
-                            "timeout": args.timeout,
-                            "deadline": args.deadline,
-                            "request_rate": float("inf"),
-                            "model_name": None,
-                        }
-                    )
-                    run = benchmark(settings, tokenizer, workload, args.concurrency, args.seed + i)
+                    mine = measure(name, port, args, tokenizer, workload, endpoint, sizes, args.seed + 100 * i)
+                    rss = tree_rss_mib(proc.pid)
                 finally:
                     stop(proc)
-                run["label"] = name
-                run["sizes"] = sizes
-                print(report(run, f"{name:>14} "), file=sys.stderr, flush=True)
-                runs.append(run)
+                for run in mine:
+                    run["server_rss_mib"] = rss
+                runs.extend(mine)
     result = {
         "model": str(args.model),
         "gguf": str(args.gguf) if args.gguf else None,
@@ -320,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers
             if s in MINILLM
         },
-        "concurrency": args.concurrency,
+        "concurrency": args.levels,
         "output_len": args.output_len,
         "ratios": ratios(runs, "llama-server" if "llama-server" in servers else servers[0]),
         "runs": runs,
@@ -329,8 +349,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        plot(runs, args.plot, f"{args.model.name}: {', '.join(servers)} at concurrency {args.concurrency}")
+        plot(runs, args.plot, f"{args.model.name}: {', '.join(servers)}", args.cdf_at)
     return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+def measure(name: str, port: int, args, tokenizer, workload: str, endpoint: str, sizes: dict, seed: int) -> list[dict]:
+    """Every concurrency level in turn against one running server (fresh prompts each: seed + level index),
+    then, with --poisson, Poisson arrivals at POISSON_LOAD of the rate it sustained at the top level."""
+
+    def settings(rate: float) -> argparse.Namespace:
+        return argparse.Namespace(
+            **{
+                **vars(add_defaults()),
+                **sizes,
+                "base_url": f"http://127.0.0.1:{port}",
+                "endpoint": endpoint,
+                "output_len": 4 if args.quick else args.output_len,
+                "timeout": args.timeout,
+                "deadline": args.deadline,
+                "request_rate": rate,
+                "model_name": None,
+            }
+        )
+
+    runs = []
+    for j, level in enumerate(args.levels):
+        runs.append(benchmark(settings(float("inf")), tokenizer, workload, level, seed + j))
+    if args.poisson and runs[-1]["request_throughput"]:
+        rate = round(POISSON_LOAD * runs[-1]["request_throughput"], 4)
+        runs.append(benchmark(settings(rate), tokenizer, workload, POISSON_MAX_IN_FLIGHT, seed + len(args.levels)))
+    for run in runs:
+        run["label"] = name
+        run["sizes"] = sizes
+        print(report(run, f"{name:>14} "), file=sys.stderr, flush=True)
+    return runs
+
+
+def tree_rss_mib(pid: int) -> float | None:
+    """Resident memory of a process and all its descendants (MiB), from /proc; None where there is none."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # fields[1]: the parent's pid
+    total_kib, stack, seen = 0, [pid], False
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+                    seen = True
+        except OSError:
+            pass
+        stack.extend(children.get(p, []))
+    return round(total_kib / 1024, 1) if seen else None
 
 
 def add_defaults() -> argparse.Namespace:

@@ -15,6 +15,12 @@ the attention kernels read; the pool itself is never copied. A cache hit therefo
 beyond what every step gathers anyway. When a sequence's slots happen to be one ascending run (a lone
 request on a fresh pool gets consecutive slots), attention reads a view of the pool instead and the gather
 is skipped: `views=False` turns this off for exact mode, whose bits must not depend on where slots lie.
+
+Decode rows (one new token of a sequence) skip the gather altogether where the compiled kernels run:
+kernels/compiled.decode_attention reads each sequence's keys and values slot by slot where they lie in the
+pool. Gathering copied every sequence's whole past on every step and layer; with 8 sequences of 1,100 tokens
+that copy and the attention after it took 85 ms of a step against the kernel's 20 (tools/bench_attention.py).
+Exact mode keeps the gather and scaled_dot_product_attention, the path its proofs were made on.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.kv_pool import KVPool
+from ..kernels import compiled
 from ..model.model import CausalLM, attend, attention_mask
 from .plan import Segment
 
@@ -49,6 +56,22 @@ class ForwardBatch:
         self.gather = [s.slots.to(device) for s in segments]
         self.runs = [_run_of(s.slots) if views else None for s in segments]  # (first slot, count) or None
         self._masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
+        # decode rows attend in the pool, all in one kernel call (exact mode: views=False keeps the gather)
+        in_pool = views and pool.keys.device.type == "cpu" and pool.keys.dtype in (torch.float32, torch.bfloat16)
+        in_pool = in_pool and pool.keys.shape[-1] % 8 == 0 and compiled.available()
+        self.decode = [i for i, s in enumerate(segments) if len(s.tokens) == 1] if in_pool else []  # segment indices
+        self.decode_rows = torch.tensor([bounds[i][0] for i in self.decode], dtype=torch.int64)  # [D]
+        self.all_decode = len(self.decode) == len(segments)
+        self._decode_slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _slots_in_window(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode sequences' slots one after another, and where each begins ([D + 1]): all of a sequence's
+        slots, or its last `window` (the keys a sliding window lets its newest token see)."""
+        if window not in self._decode_slots:
+            parts = [self.gather[i] if window is None else self.gather[i][-window:] for i in self.decode]
+            starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+            self._decode_slots[window] = (torch.cat(parts), starts)
+        return self._decode_slots[window]
 
     def _mask(self, i: int, window: int | None):
         key = (i, window)
@@ -69,15 +92,32 @@ class ForwardBatch:
         else:
             pool_keys.index_copy_(1, self.write_slots, keys)
             pool_values.index_copy_(1, self.write_slots, values)
+        out = None  # [N, heads * head_dim] when decode rows and others are mixed
+        if self.decode:
+            slots, starts = self._slots_in_window(window)
+            queries = q if self.all_decode else q.index_select(1, self.decode_rows)  # [heads, D, head_dim]
+            decoded = compiled.decode_attention(queries, pool_keys, pool_values, slots, starts)  # [D, heads * hd]
+            if self.all_decode:
+                return decoded
+            out = q.new_empty(q.shape[1], q.shape[0] * q.shape[2])
+            out[self.decode_rows] = decoded
         outs = []
         for i, (first, end) in enumerate(self.bounds):
+            if i in self.decode:
+                continue
             if self.runs[i] is not None:
                 seq_keys = pool_keys.narrow(1, *self.runs[i])  # [kv_heads, start + T, head_dim], a view
                 seq_values = pool_values.narrow(1, *self.runs[i])
             else:
                 seq_keys = pool_keys.index_select(1, self.gather[i])  # [kv_heads, start + T, head_dim], a copy
                 seq_values = pool_values.index_select(1, self.gather[i])
-            outs.append(attend(q[:, first:end], seq_keys, seq_values, *self._mask(i, window)))
+            rows = attend(q[:, first:end], seq_keys, seq_values, *self._mask(i, window))
+            if out is None:
+                outs.append(rows)
+            else:
+                out[first:end] = rows
+        if out is not None:
+            return out
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

@@ -6,7 +6,9 @@ matters: its weight-only int8 and int4 products are compute-bound on one row (6-
 and where the CPU has no native bf16 arithmetic (AVX2 only) its bf16 products run several times slower than
 float32. matmul.cpp does a block of 32 weights in a handful of AVX2 instructions, so one row streams at memory
 speed on any x86 CPU of the last ten years (AVX-512 machines run the same AVX2 code: at one row the memory, not
-the vector width, sets the pace).
+the vector width, sets the pace). Several float32 rows (a batched decode step) go through W in tiles that
+read each weight once for all of them. And decode attention reads each sequence's keys and values where they
+lie in the KV pool, instead of gathering a copy first (engine/forward_batch.py).
 
 How: torch.utils.cpp_extension compiles matmul.cpp on first use (about 30 s; needs a C++ compiler and ninja)
 into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), and later
@@ -135,3 +137,13 @@ def f32_beats_blas() -> bool:
     row of the 9,728 x 896 matrix took 2.2 ms through MKL against 0.56 ms, and a decode step 54.8 against
     27.3 ms (SmolLM2) and 144 against 65 ms (the 0.5B benchmark model)."""
     return available()
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """One decode query per sequence over its keys and values where they lie in the pool, without gathering
+    them first. q [heads, rows, head_dim]; keys, values [kv_heads, pool slots, head_dim] (float32 or bf16);
+    slots: the sequences' slots one after another, sequence r's from starts[r] to starts[r + 1]
+    -> [rows, heads * head_dim] in q's dtype."""
+    return torch.ops.minillm.decode_attention(q, keys, values, slots, starts)

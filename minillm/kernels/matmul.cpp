@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
@@ -198,20 +199,6 @@ inline __m256 load8_bf16(const uint16_t* p) {  // bf16 is float32's upper half
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// A row of bf16 or float32 weights against a float32 row: four chains of 8 lanes over 32 values a step.
-template <typename W, typename Load8>
-float dot_float(const W* w, const float* x, int64_t n, Load8 load8, float (*one)(W)) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(W)); line += 64) prefetch(w + i + line / sizeof(W));
-    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(load8(w + i + 8 * k), _mm256_loadu_ps(x + i + 8 * k), acc[k]);
-  }
-  float total = sum_chains(acc);
-  for (; i < n; ++i) total += one(w[i]) * x[i];
-  return total;
-}
-
 float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
@@ -219,7 +206,71 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
-float same(float f) { return f; }
+// A row of bf16 weights against a float32 row: four chains of 8 lanes over 32 values a step.
+inline float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    prefetch(w + i);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(load8_bf16(w + i + 8 * k), _mm256_loadu_ps(x + i + 8 * k), acc[k]);
+  }
+  float total = sum_chains(acc);
+  for (; i < n; ++i) total += bf16_to_float(w[i]) * x[i];
+  return total;
+}
+
+// Float32 weights against float32 rows. A product of several rows should cost little more than one: W is read
+// from memory once and each weight used for every row. So a thread takes J rows of W (a tile) and goes along
+// them a panel of PANEL columns at a time; within a panel, the rows of x two at a time, with J x 2 accumulators
+// of 8 lanes in registers (each 8 weights loaded once per two rows, each 8 activations once per J weight rows).
+// The accumulators wait in memory between panels. Panels keep reading from memory and arithmetic going
+// together: a whole tile against two rows, then again against the next two, ran its first pass at memory
+// speed and the others at compute speed, one after the other. Software prefetching (in the stream, a panel
+// ahead or a tile ahead) never helped and sometimes slowed it: the hardware prefetcher follows the rows of W.
+// Every output is summed the same way whatever tile, panel or pair holds it (its 8 lanes in order of the
+// columns, then across the lanes, then the last in mod 8 one by one), so a row's result does not depend on
+// the other rows (exact mode).
+constexpr int64_t PANEL = 256;  // columns: J rows of W and every row of x, a panel, stay in the L1 cache
+
+// acc [R][J][8 lanes] += x[r, i0:i1] * w[j, i0:i1] lane by lane; i1 - i0 a multiple of 8.
+template <int J, int R>
+inline void panel_f32(const float* w, int64_t in, const float* x, float* acc, int64_t i0, int64_t i1) {
+  __m256 sum[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) sum[r][j] = _mm256_loadu_ps(acc + 8 * (r * J + j));
+  for (int64_t i = i0; i < i1; i += 8) {
+    __m256 wv[J];
+    for (int j = 0; j < J; ++j) {
+      wv[j] = _mm256_loadu_ps(w + j * in + i);
+      if (R > 1) asm("" : "+x"(wv[j]));  // kept in a register for the R rows: else the compiler loads it R times
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * in + i);
+      for (int j = 0; j < J; ++j) sum[r][j] = _mm256_fmadd_ps(wv[j], xv, sum[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) _mm256_storeu_ps(acc + 8 * (r * J + j), sum[r][j]);
+}
+
+// y[:, 0:J] = x W[0:J]^T: J rows of W against every row of x; acc: room for [rows][J][8 lanes].
+template <int J>
+void tile_f32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out, float* acc) {
+  std::fill(acc, acc + 8 * J * rows, 0.0f);
+  const int64_t whole = in / 8 * 8;
+  for (int64_t i0 = 0; i0 < whole; i0 += PANEL) {
+    const int64_t i1 = std::min(i0 + PANEL, whole);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) panel_f32<J, 2>(w, in, x + r * in, acc + 8 * J * r, i0, i1);
+    if (r < rows) panel_f32<J, 1>(w, in, x + r * in, acc + 8 * J * r, i0, i1);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < J; ++j) {
+      float total = sum8(_mm256_loadu_ps(acc + 8 * (J * r + j)));
+      for (int64_t t = whole; t < in; ++t) total = std::fma(w[j * in + t], x[r * in + t], total);
+      y[r * out + j] = total;
+    }
+}
 
 // y[r, j] = dot(row r of x, row j of W) for every r, j; threads split the output rows j, so each reads its
 // share of W once, the x rows staying in cache.
@@ -276,27 +327,177 @@ at::Tensor linear_q4_1(const at::Tensor& x_, const at::Tensor& q, const at::Tens
   });
 }
 
-at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   const int64_t out = w.size(0), in = w.size(1);
-  check_input(x_, w, in, "linear_bf16");
-  const at::Tensor x = x_.to(at::kFloat).contiguous();
-  const float* px = x.data_ptr<float>();
+  check_input(x, w, in, "linear_bf16");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* px = xf.data_ptr<float>();
   const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  return product(x_, out, [&](int64_t r, int64_t j) {
-    return dot_float(pw + j * in, px + r * in, in, [](const uint16_t* p) { return load8_bf16(p); }, bf16_to_float);
-  });
+  return product(x, out, [&](int64_t r, int64_t j) { return dot_bf16(pw + j * in, px + r * in, in); });
 }
 
+// Threads split W's rows in tiles of 4 (each thread reads its share of W from memory once), the last out mod 4
+// rows one at a time. Up to three rows of x go through W a row at a time instead: a single stream of memory per
+// thread read it fastest (one row of a 0.5B model's matrices: 2.0 ms against 2.2 with 4 rows of W at a time,
+// and 2.2 for the one-row kernel this replaced; tools/bench_kernels.py --rows).
 at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
+  constexpr int J = 4;  // 4 x 2 accumulators and 4 + 2 loads per 8 multiply-adds: within AVX2's 16 registers
   const int64_t out = w.size(0), in = w.size(1);
   check_input(x_, w, in, "linear_f32");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "linear_f32: x and w must be float32");
   const at::Tensor x = x_.contiguous();
   const float* px = x.data_ptr<float>();
   const float* pw = w.data_ptr<float>();
-  return product(x_, out, [&](int64_t r, int64_t j) {
-    return dot_float(pw + j * in, px + r * in, in, [](const float* p) { return _mm256_loadu_ps(p); }, same);
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, (out + J - 1) / J, GRAIN / J, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(8 * J * rows);  // [rows][J][8 lanes]
+    for (int64_t j = J * begin; j < std::min(J * end, out);) {
+      if (rows >= 4 && j + J <= out) {
+        tile_f32<J>(pw + j * in, in, px, rows, py + j, out, acc.data());
+        j += J;
+      } else {
+        tile_f32<1>(pw + j * in, in, px, rows, py + j, out, acc.data());
+        j += 1;
+      }
+    }
   });
+  return y;
+}
+
+// -- Decode attention over the KV pool ------------------------------------------------------------------------
+// One query token per sequence (a decode row) attends over its sequence's keys and values where they lie in
+// the pool, slot by slot, instead of first gathering them into a contiguous copy (index_select) for
+// scaled_dot_product_attention: the gather copied every sequence's whole past each step, per layer, which
+// cost more than the attention itself (8 sequences of 1,100 tokens: 12 of a step's 38 ms in attention).
+// A work item is one sequence and one kv head, with the `group` query heads that read it: scores for every
+// slot (q . k / sqrt(head_dim)), softmax, then the sum of the values weighted by it, all in float32.
+
+// e^x for x <= 0 (scores minus their maximum), 8 at a time: x = n ln 2 + r with |r| <= ln 2 / 2,
+// e^r by its Taylor polynomial to r^6 (relative error below 2e-7), times 2^n put into the exponent.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below this e^x is under float's smallest normal: ~0
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r stays exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// One sequence, one kv head: out[g] = softmax(q[g] . K^T * scale) V for its `group` query heads.
+// q [group][dim] float32; keys, values: the head's [slots][dim] in the pool; slot [length]; scores: room for
+// [group][length]; out [group][dim].
+template <typename T, typename Load8>
+void attend_one(const float* q, const T* keys, const T* values, const int64_t* slot, int64_t length, int64_t group,
+                int64_t dim, float scale, float* scores, float* out, Load8 load8) {
+  constexpr int64_t AHEAD = 8;  // slots: each row is fetched this many rows before its use (slots jump about)
+  for (int64_t l = 0; l < length; ++l) {
+    if (l + AHEAD < length)
+      for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(keys + slot[l + AHEAD] * dim) + b, _MM_HINT_T0);
+    const T* k = keys + slot[l] * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * dim + d), load8(k + d), acc);
+      scores[g * length + l] = sum8(acc) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * length;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    int64_t l = 0;
+    for (; l + 8 <= length; l += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + l));
+    float highest = max8(top);
+    for (; l < length; ++l) highest = std::max(highest, s[l]);
+    const __m256 shift = _mm256_set1_ps(highest);
+    __m256 total = _mm256_setzero_ps();
+    for (l = 0; l + 8 <= length; l += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), shift));
+      _mm256_storeu_ps(s + l, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = sum8(total);
+    for (; l < length; ++l) {
+      s[l] = std::exp(s[l] - highest);
+      sum += s[l];
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {  // 8 accumulators of 8 lanes: 64 values of the head at a time
+      const int64_t width = std::min<int64_t>(64, dim - d0);
+      __m256 acc[8];
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < length; ++i) {
+        if (g == 0 && d0 == 0 && i + AHEAD < length)
+          for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(values + slot[i + AHEAD] * dim) + b, _MM_HINT_T0);
+        const __m256 weight = _mm256_set1_ps(s[i]);
+        const T* v = values + slot[i] * dim + d0;
+        for (int64_t k = 0; k < width / 8; ++k) acc[k] = _mm256_fmadd_ps(weight, load8(v + 8 * k), acc[k]);
+      }
+      const __m256 inverse = _mm256_set1_ps(1.0f / sum);
+      for (int64_t k = 0; k < width / 8; ++k) _mm256_storeu_ps(out + g * dim + d0 + 8 * k, _mm256_mul_ps(acc[k], inverse));
+    }
+  }
+}
+
+// q [heads, rows, dim]: one query per sequence; keys, values [kv_heads, slots, dim] (one layer of the pool);
+// slots: every sequence's slots, one after another; starts [rows + 1]: where each sequence's begin (its
+// last slot holds its own new token). -> [rows, heads * dim] in q's dtype.
+at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& slots_, const at::Tensor& starts_) {
+  TORCH_CHECK(q_.dim() == 3 && keys.dim() == 3 && keys.sizes() == values.sizes(), "decode_attention: shapes");
+  const int64_t heads = q_.size(0), rows = q_.size(1), dim = q_.size(2), kv_heads = keys.size(0);
+  TORCH_CHECK(keys.size(2) == dim && dim % 8 == 0 && heads % kv_heads == 0, "decode_attention: head_dim");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == values.scalar_type(),
+              "decode_attention: keys and values must be contiguous, of one dtype");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16,
+              "decode_attention: float32 or bfloat16 KV");
+  TORCH_CHECK(starts_.numel() == rows + 1, "decode_attention: starts must be [rows + 1]");
+  const at::Tensor q = q_.to(at::kFloat).contiguous();
+  const at::Tensor slots = slots_.to(at::kLong).contiguous(), starts = starts_.to(at::kLong).contiguous();
+  const int64_t group = heads / kv_heads, slot_count = keys.size(1);
+  const float* pq = q.data_ptr<float>();
+  const int64_t* ps = slots.data_ptr<int64_t>();
+  const int64_t* pstart = starts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(ps[i] >= 0 && ps[i] < slot_count, "decode_attention: slot out of range");
+  at::Tensor out = at::empty({rows, heads * dim}, q.options());
+  float* po = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qg(group * dim), og(group * dim), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / kv_heads, h = item % kv_heads, length = pstart[r + 1] - pstart[r];
+      TORCH_CHECK(length > 0, "decode_attention: a sequence without slots");
+      scores.resize(group * length);
+      for (int64_t g = 0; g < group; ++g)  // q [heads, rows, dim]: head h * group + g of row r
+        std::memcpy(qg.data() + g * dim, pq + ((h * group + g) * rows + r) * dim, dim * sizeof(float));
+      const int64_t offset = h * slot_count * dim;
+      if (keys.scalar_type() == at::kFloat)
+        attend_one(qg.data(), keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, ps + pstart[r],
+                   length, group, dim, scale, scores.data(), og.data(), [](const float* p) { return _mm256_loadu_ps(p); });
+      else
+        attend_one(qg.data(), reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>()) + offset,
+                   reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()) + offset, ps + pstart[r], length,
+                   group, dim, scale, scores.data(), og.data(), [](const uint16_t* p) { return load8_bf16(p); });
+      for (int64_t g = 0; g < group; ++g)  // out [rows, heads * dim]
+        std::memcpy(po + r * heads * dim + (h * group + g) * dim, og.data() + g * dim, dim * sizeof(float));
+    }
+  });
+  return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
 }
 
 }  // namespace
@@ -306,6 +507,7 @@ TORCH_LIBRARY(minillm, m) {
   m.def("linear_q4_1(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor starts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minillm, CPU, m) {
@@ -313,4 +515,5 @@ TORCH_LIBRARY_IMPL(minillm, CPU, m) {
   m.impl("linear_q4_1", linear_q4_1);
   m.impl("linear_bf16", linear_bf16);
   m.impl("linear_f32", linear_f32);
+  m.impl("decode_attention", decode_attention);
 }

@@ -22,9 +22,12 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     Once minillm had its own compiled kernels, MKL ran below both: on an AVX2-only CPU (AMD Zen 3) its one-row
     product read 11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of
     the 9,728 x 896 matrix (the same time at 512 rows of the 896 x 4,864 one); on an AVX-512 one (2026-12-07)
-    MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56, and 3.7 / 1.7 / 2.0 ms
-    for 8 rows. So wherever the kernels run the float32 matrix keeps its plain layout, products of fewer than
-    KERNEL_ROWS rows take the compiled kernel (kernels/compiled.py), more rows oneDNN's kernel on that layout.
+    MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56. The kernel now takes
+    several rows in tiles that read W once for all of them (matmul.cpp): over a 0.5B model's layer matrices
+    streamed from memory (2026-12-07, AVX-512 machine) it took 1.8 ms for one row, 3.2 for 8 and 4.3 for 16,
+    where oneDNN took 2.2, 3.6 and 4.4, and as long at 24 rows (5.6). So wherever the kernels run the float32
+    matrix keeps its plain layout, products of fewer than KERNEL_ROWS rows take the compiled kernel
+    (kernels/compiled.py), more rows (prefill) oneDNN's kernel on that layout.
 
 A packed weight is a copy (stacked, reordered or converted). The loader hands each original to `release`
 once it is replaced, so resident memory stays about one copy of the weights.
@@ -45,7 +48,7 @@ from torch import nn
 from ..kernels import compiled
 from ..model.model import CausalLM
 
-KERNEL_ROWS = 8  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
+KERNEL_ROWS = 24  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
 
 
 def available(dtype: torch.dtype, device: str) -> bool:
