@@ -151,6 +151,14 @@ def load_figures(model: str, dtype: str, quantize: str | None) -> dict:
     }
 
 
+def write_report(report: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON report, and write it to `out` too when given (the other tools use it)."""
+    text = json.dumps(report, indent=1)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def machine_kind() -> str:
     """Which kind of x86 machine this is, by the features the kernels and PyTorch's paths depend on."""
     flags = compiled.cpu_flags()
@@ -265,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": ratios,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

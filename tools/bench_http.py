@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import random
 import signal
 import socket
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_decode import write_report  # noqa: E402
+
 from minillm import LLM  # noqa: E402
 
 
@@ -165,10 +166,7 @@ def main() -> int:
         "http_over_in_process": [round(x, 3) for x in ratios],
         "median": round(statistics.median(ratios), 3),
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

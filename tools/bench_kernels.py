@@ -1,6 +1,11 @@
 """One-row matrix products, kernel by kernel, at the speed a decode step sees them: streamed from memory.
 
     python tools/bench_kernels.py --out bench/kernels_avx2.json        # ~4 min
+    python tools/bench_kernels.py --rows 1,2,4,8,16,24,32 --out bench/kernels_rows_fp32.json   # ~2 min
+
+With --rows: float32 products of several rows (a batched decode step) over the 24 layers' matrices, for the
+kernels PackedLinear chooses between (linear_f32 below KERNEL_ROWS rows, oneDNN on the same plain layout
+from there) and MKL's, taking turns.
 
 A decode step multiplies one row by each matrix of a Qwen2.5-0.5B-shaped model once: 24 layers of q/k/v
 (1152 x 896, stacked), o (896 x 896), gate/up (9728 x 896, stacked) and down (896 x 4864), then the output
@@ -20,7 +25,6 @@ figure is the weight bytes read per second. Kernels (those this torch build lack
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_decode import machine_kind  # noqa: E402
+from bench_decode import machine_kind, write_report  # noqa: E402
 
 from minillm.kernels import compiled  # noqa: E402
 from minillm.loading.quantize import quantize_int4, quantize_int8  # noqa: E402
@@ -149,13 +153,51 @@ def measure(make, product, act_dtype, bytes_per_weight: float, repeats: int) -> 
     }
 
 
+# --rows: float32 products of several rows (a batched decode step), the kernels minillm chooses between
+ROW_KERNELS = {
+    "fp32 minillm linear_f32": compiled.linear_f32,
+    "fp32 oneDNN plain layout": onednn_product,  # what PackedLinear runs from KERNEL_ROWS rows on
+    "fp32 F.linear (MKL)": torch.nn.functional.linear,
+}
+
+
+def measure_rows(row_counts: list[int], repeats: int) -> dict:
+    """ms over one copy of each layer matrix for LAYERS layers (read from memory), per row count and kernel;
+    the kernels take turns within each repeat, so they meet the same machine state; best of the repeats."""
+    torch.manual_seed(0)
+    layers = [(torch.randn(o, i) * 0.05, i) for _ in range(LAYERS) for o, i in LAYER_SHAPES]
+    out = {}
+    for n in row_counts:
+        x = {i: torch.randn(n, i) for i in {i for _, i in LAYER_SHAPES}}
+        best = dict.fromkeys(ROW_KERNELS, float("inf"))
+        for _ in range(repeats):
+            for name, product in ROW_KERNELS.items():
+                start = time.perf_counter()
+                for w, i in layers:
+                    product(x[i], w)
+                best[name] = min(best[name], time.perf_counter() - start)
+        out[n] = {name: round(seconds * 1e3, 1) for name, seconds in best.items()}
+        print(f"{n:3} rows: {out[n]}", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", help="comma list of row counts: float32 products of several rows instead")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    compiled.available()  # built (or refused, in one line) before anything is timed
+    if not compiled.available():  # built (or refused, in one line) before anything is timed
+        ROW_KERNELS.pop("fp32 minillm linear_f32")
+    if args.rows:
+        report = {
+            "machine": {"platform": platform.platform(), "cpu": machine_kind(), "torch": torch.__version__},
+            "threads": torch.get_num_threads(),
+            "layers_ms_by_rows": measure_rows([int(n) for n in args.rows.split(",")], args.repeats),
+        }
+        write_report(report, args.out)
+        return 0
     results = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -170,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu": machine_kind(), "torch": torch.__version__},
         "kernels": results,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

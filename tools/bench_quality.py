@@ -16,7 +16,6 @@ quantization costs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_decode import write_report  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from train_tiny import corpus_files, encode_all, read_texts, split_corpus  # noqa: E402
 
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "rows": rows,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

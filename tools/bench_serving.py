@@ -330,8 +330,9 @@ def benchmark(args, tokenizer: Tokenizer, workload: str, concurrency: int, seed:
 
 def report(run: dict, label: str = "") -> str:
     t, e = run["ttft_ms"], run["e2e_ms"]
+    arrivals = f"c={run['max_concurrency']}" + (f" Poisson {run['request_rate']}/s" if run["request_rate"] else "")
     return (
-        f"{label}{run['workload']} c={run['max_concurrency']}: {run['completed']} ok, {run['failed']} failed "
+        f"{label}{run['workload']} {arrivals}: {run['completed']} ok, {run['failed']} failed "
         f"in {run['duration_s']:.1f} s; output {run['output_token_throughput']:.1f} tok/s, "
         f"input {run['input_token_throughput']:.0f} tok/s; TTFT median {t['median']} ms p99 {t['p99']} ms; "
         f"TPOT median {run['tpot_ms']['median']} ms; E2E median {e['median']} ms; "

@@ -221,8 +221,8 @@ def plot(runs: list[dict], path: Path, title: str, cdf_at: int) -> None:
             for r in sorted((r for r in mine if r["max_concurrency"] == at), key=lambda r: servers.index(r["label"])):
                 fraction = [(i + 1) / len(r[key]) for i in range(len(r[key]))]
                 ax.plot(r[key], fraction, label=r["label"], color=color[r["label"]])
-            title = f"{workload}, {at} in flight: {name}"
-            ax.set(xlabel="ms", ylabel="fraction of requests", title=title, xscale="log")
+            heading = f"{workload}, {at} in flight: {name}"
+            ax.set(xlabel="ms", ylabel="fraction of requests", title=heading, xscale="log")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

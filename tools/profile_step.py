@@ -13,7 +13,6 @@ attention, sampling, Python): step - products.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_decode import machine_kind  # noqa: E402
+from bench_decode import machine_kind, write_report  # noqa: E402
 
 from minillm import LLM  # noqa: E402
 from minillm.kernels import compiled  # noqa: E402
@@ -87,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "rest_ms": round(step_ms - products_ms, 2),
         "products_per_step": per_step,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 
