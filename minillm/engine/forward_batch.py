@@ -19,7 +19,8 @@ is skipped: `views=False` turns this off for exact mode, whose bits must not dep
 Decode rows (one new token of a sequence) skip the gather altogether where the compiled kernels run:
 kernels/compiled.decode_attention reads each sequence's keys and values slot by slot where they lie in the
 pool. Gathering copied every sequence's whole past on every step and layer; with 8 sequences of 1,100 tokens
-that copy and the attention after it took 85 ms of a step against the kernel's 20 (tools/bench_attention.py).
+that copy and the attention after it took 124 ms of a step (24 layers) against the kernel's 21
+(tools/bench_attention.py, bench/attention_fp32.json).
 Exact mode keeps the gather and scaled_dot_product_attention, the path its proofs were made on.
 """
 
@@ -61,7 +62,8 @@ class ForwardBatch:
         in_pool = in_pool and pool.keys.shape[-1] % 8 == 0 and compiled.available()
         self.decode = [i for i, s in enumerate(segments) if len(s.tokens) == 1] if in_pool else []  # segment indices
         self.decode_rows = torch.tensor([bounds[i][0] for i in self.decode], dtype=torch.int64)  # [D]
-        self.all_decode = len(self.decode) == len(segments)
+        self.gathered = [i for i in range(len(segments)) if i not in self.decode]  # the others: gather + SDPA
+        self.all_decode = not self.gathered
         self._decode_slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _slots_in_window(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +104,8 @@ class ForwardBatch:
             out = q.new_empty(q.shape[1], q.shape[0] * q.shape[2])
             out[self.decode_rows] = decoded
         outs = []
-        for i, (first, end) in enumerate(self.bounds):
-            if i in self.decode:
-                continue
+        for i in self.gathered:
+            first, end = self.bounds[i]
             if self.runs[i] is not None:
                 seq_keys = pool_keys.narrow(1, *self.runs[i])  # [kv_heads, start + T, head_dim], a view
                 seq_values = pool_values.narrow(1, *self.runs[i])

@@ -23,9 +23,10 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     product read 11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of
     the 9,728 x 896 matrix (the same time at 512 rows of the 896 x 4,864 one); on an AVX-512 one (2026-12-07)
     MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56. The kernel now takes
-    several rows in tiles that read W once for all of them (matmul.cpp): over a 0.5B model's layer matrices
-    streamed from memory (2026-12-07, AVX-512 machine) it took 1.8 ms for one row, 3.2 for 8 and 4.3 for 16,
-    where oneDNN took 2.2, 3.6 and 4.4, and as long at 24 rows (5.6). So wherever the kernels run the float32
+    several rows in tiles that read W once for all of them (matmul.cpp): over a 0.5B model's 24 layers' matrices
+    streamed from memory (2026-12-07, AVX-512 machine, bench/kernels_rows_fp32.json) it took 51.8 ms for one
+    row, 73.6 for 8, 106.4 for 16 and 140.9 for 24, where oneDNN took 60.2, 88.1, 114.2 and 144.7, and 172.6
+    against 172.8 at 32. So wherever the kernels run the float32
     matrix keeps its plain layout, products of fewer than KERNEL_ROWS rows take the compiled kernel
     (kernels/compiled.py), more rows (prefill) oneDNN's kernel on that layout.
 
