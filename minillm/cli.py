@@ -59,6 +59,9 @@ def load_llm(args):
         prefix_cache=not args.no_prefix_cache,
         cache_dir=args.cache_dir,
         disk_cache_mb=args.disk_cache_mb,
+        speculate=args.speculate,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_model=args.draft_model,
     )
 
 
@@ -83,7 +86,8 @@ def _stats_line(c, index: int) -> str:
     return (
         f"[{index}: {c.prompt_tokens} prompt tokens ({c.cached_tokens} cached, {c.computed_tokens} computed), "
         f"ttft {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, {len(c.token_ids)} new tokens, "
-        f"decode {c.decode_tok_s:.1f} tok/s{f', {c.forced_tokens} forced' if c.forced_tokens else ''}, "
+        f"decode {c.decode_tok_s:.1f} tok/s{f', {c.forced_tokens} forced' if c.forced_tokens else ''}"
+        f"{f', {c.draft_accepted} of {c.draft_proposed} drafted accepted' if c.draft_proposed else ''}, "
         f"finish: {c.finish_reason}]"
     )
 

@@ -78,6 +78,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default=engine.disk_cache_mb,
         help="byte budget of --cache-dir; least recently used KV removed beyond it (default %(default)s)",
     )
+    parser.add_argument(
+        "--speculate",
+        choices=options.SPECULATE,
+        default=engine.speculate,
+        help="speculative decoding: guess next tokens from the request's own tokens (lookup), from everything "
+        "in the prefix cache (radix) or with a draft model (draft), and verify them in one forward; the output "
+        "is what it would be without (default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=engine.num_draft_tokens,
+        help="the most guessed tokens per request and step (fewer where guesses fail; default %(default)s)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        help="--speculate draft: a checkpoint with the same tokenizer (default: this model's weights in int4)",
+    )
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,14 @@ def bundled_model() -> Path:
     raise MinillmError(f"no model given and the bundled model is missing (looked in {here / 'weights'}); pass --model")
 
 
+def _same_tokenizer(folder: Path, other: Path | None) -> bool:
+    """Whether two checkpoint folders hold the same tokenizer.json (or either has none to compare)."""
+    mine, theirs = folder / "tokenizer.json", (other / "tokenizer.json") if other is not None else None
+    if theirs is None or not (mine.is_file() and theirs.is_file()):
+        return True
+    return mine.read_bytes() == theirs.read_bytes()
+
+
 def _is_token_id(value) -> bool:
     """An int of any kind (numpy's too); not a float, a string or a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -81,6 +89,7 @@ class LLM:
         self.dtype = model.model.norm.weight.dtype  # the model's dtype (norms are never packed or quantized)
         self.exact = exact  # see exact.py: bitwise the same logits with the cache on or off, alone or batched
         self._grammars: GrammarCompiler | None = None
+        self._draft: tuple[str | None, CausalLM] | None = None  # (its name, the draft model) once loaded
         self.configure(**engine_options)
 
     @classmethod
@@ -156,13 +165,32 @@ class LLM:
         settings.check()  # before the old engine stops
         if hasattr(self, "engine"):
             self._close_engine()  # the old engine's cached KV goes to the disk tier, if there is one
+        draft = self._draft_model(settings.draft_model) if settings.speculate == "draft" else None
         self.engine = build_engine(
-            self.runner, self.model, self.dtype, self.device, self.exact, self.model_dir, settings
+            self.runner, self.model, self.dtype, self.device, self.exact, self.model_dir, settings, draft
         )
         if self.engine.kv.disk is not None and not hasattr(self, "_close_at_exit"):
             ref = weakref.ref(self)  # once per LLM, without keeping it alive
             self._close_at_exit = lambda: ref() is not None and ref().close()
             atexit.register(self._close_at_exit)
+
+    def _draft_model(self, name: str | None) -> CausalLM:
+        """The draft model for speculate="draft", loaded once per name: a checkpoint with this model's
+        vocabulary and tokenizer, in this model's dtype; None: this model's own checkpoint quantized to int4
+        (a draft that guesses well and reads a quarter of the bytes per step)."""
+        if self._draft is None or self._draft[0] != name:
+            if name is None and self.model_dir is None:
+                raise MinillmError("this model was not loaded from a folder; give a draft model (--draft-model)")
+            folder = self.model_dir if name is None else resolve_model_dir(name, self.dtype)
+            config = load_config(folder)
+            if config.vocab_size != self.config.vocab_size or not _same_tokenizer(folder, self.model_dir):
+                raise MinillmError(
+                    f"the draft model {name} does not share this model's tokenizer "
+                    f"(vocabulary {config.vocab_size} vs {self.config.vocab_size}); pick one of the same family"
+                )
+            quantize = "int4" if name is None else None
+            self._draft = (name, load_model(folder, config, self.dtype, self.device, quantize=quantize))
+        return self._draft[1]
 
     def _close_engine(self) -> None:
         self.engine.stop()

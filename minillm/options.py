@@ -23,6 +23,7 @@ from .model import config
 DTYPES = tuple(config.DTYPES)  # "float32", "bfloat16", "float16"
 QUANTIZE = ("int8", "int4")
 POLICIES = ("lpm", "fcfs")
+SPECULATE = ("off", "lookup", "radix", "draft")  # none; prompt lookup; radix-tree lookup; a draft model
 
 
 @dataclass
@@ -49,12 +50,19 @@ class EngineOptions:
     poison_freed: bool = False  # debug: fill freed KV with NaN, so a read after free shows
     cache_dir: str | Path | None = None  # the disk tier (cache/disk_cache.py); default $MINILLM_CACHE_DIR
     disk_cache_mb: float = disk_cache.DEFAULT_BUDGET_MB  # its budget; least recently used files go beyond it
+    speculate: str = "off"  # one of SPECULATE: who guesses the next tokens for verification (speculation.py)
+    num_draft_tokens: int = 8  # the most guessed tokens per request and step
+    draft_model: str | None = None  # speculate="draft": its checkpoint; None: this model's own weights in int4
 
     def check(self) -> None:
         """One line naming the first bad setting."""
         if self.schedule_policy not in POLICIES:
             raise MinillmError(f"unknown schedule policy {self.schedule_policy!r}; choose one of {', '.join(POLICIES)}")
-        for name in ("max_batch", "max_prefill_tokens", "exact_chunk", "exact_decode_rows"):
+        if self.speculate not in SPECULATE:
+            raise MinillmError(f"unknown speculation {self.speculate!r}; choose one of {', '.join(SPECULATE)}")
+        if self.draft_model is not None and self.speculate != "draft":
+            raise MinillmError("a draft model is used only with speculate 'draft' (--speculate draft)")
+        for name in ("max_batch", "max_prefill_tokens", "exact_chunk", "exact_decode_rows", "num_draft_tokens"):
             if getattr(self, name) < 1:
                 raise MinillmError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.disk_cache_mb <= 0:

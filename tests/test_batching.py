@@ -416,6 +416,8 @@ def test_a_completion_reports_its_rates_and_fields():
         ttft_s=2.5,
         decode_s=4.0,
         forced_tokens=1,
+        draft_proposed=7,
+        draft_accepted=5,
     )
     assert c.prefill_tok_s == 5.0 and c.decode_tok_s == 0.5  # 2 decode steps in 4 s (the first token: prefill)
     assert c.to_dict() == {
@@ -427,7 +429,15 @@ def test_a_completion_reports_its_rates_and_fields():
         "computed_tokens": 10,
         "forced_tokens": 1,
         "ttft_s": 2.5,
-        "timings": {"prefill_s": 2.0, "ttft_s": 2.5, "decode_s": 4.0, "prefill_tok_s": 5.0, "decode_tok_s": 0.5},
+        "timings": {
+            "prefill_s": 2.0,
+            "ttft_s": 2.5,
+            "decode_s": 4.0,
+            "prefill_tok_s": 5.0,
+            "decode_tok_s": 0.5,
+            "draft_proposed": 7,
+            "draft_accepted": 5,
+        },
     }
     idle = Completion(text="", token_ids=[1], prompt_tokens=1, finish_reason="stop")
     assert idle.prefill_tok_s == 0.0 and idle.decode_tok_s == 0.0  # no time measured, one token: no rate

@@ -128,13 +128,23 @@ def test_tiles_have_fixed_shapes_and_sample_only_where_asked(load):
     out = tiles(works, chunk=8, decode_rows=4)
     assert len(out) == 3
     first_chunk, last_row, decode = out
-    assert [(s.start, len(s.tokens), s.logit_row, w) for s, w in first_chunk] == [(0, 8, None, None)]
+    assert [(s.start, len(s.tokens), s.logit_rows, w) for s, w in first_chunk] == [(0, 8, range(0), None)]
     ((segment, work),) = last_row
-    assert (segment.start, len(segment.tokens), segment.logit_row, work) == (8, 8, 0, works[2])  # 1 row + 7 padding
+    assert (segment.start, len(segment.tokens), segment.logit_rows, work) == (
+        8,
+        8,
+        range(1),
+        works[2],
+    )  # 1 row + 7 padding
     assert segment.tokens[1:] == [0] * 7 and segment.slots[9:].tolist() == [DUMP_SLOT] * 7
-    assert [(s.start, len(s.tokens), s.logit_row) for s, _ in decode] == [(6, 1, 0), (4, 1, 0), (7, 1, 0), (0, 1, 0)]
+    assert [(s.start, len(s.tokens), s.logit_rows) for s, _ in decode] == [
+        (6, 1, range(1)),
+        (4, 1, range(1)),
+        (7, 1, range(1)),
+        (0, 1, range(1)),
+    ]
     assert [w for _, w in decode] == [None, works[1], works[3], None]  # the replay row and the padding pick nothing
     # a prompt's last token alone (the rest was cached) is still a prefill chunk, not a decode row
     cached = request(9)
     (((segment, work),),) = tiles([Work(cached, 8, 1, True)], chunk=8, decode_rows=4)
-    assert (segment.start, len(segment.tokens), segment.logit_row) == (8, 8, 0)
+    assert (segment.start, len(segment.tokens), segment.logit_rows) == (8, 8, range(1))

@@ -106,34 +106,36 @@ def test_a_lone_requests_consecutive_slots_are_written_and_read_in_place(load):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_rows_attend_in_the_pool_as_the_gathered_path_does(load, dtype, window):
-    """Decode rows (one token of a sequence) attend through kernels/compiled.decode_attention, reading their
-    scattered slots in place; rows of a prompt chunk in the same forward keep gather + SDPA. Both must give
-    what the gathered path (views=False, exact mode's) gives, sliding window included: it sees a sequence's
-    last `window` keys."""
-    from minillm.engine.forward_batch import ForwardBatch
+    """Rows of short segments (a decode token, a verified draft's few rows) attend through
+    kernels/compiled.decode_attention, each row over its own sequence's slots up to its position, read where
+    they lie; rows of a long prompt chunk in the same forward keep gather + SDPA. Both must give what the
+    gathered path (views=False, exact mode's) gives, sliding window included: a row sees its last `window`
+    keys."""
+    from minillm.engine.forward_batch import IN_POOL_ROWS, ForwardBatch
     from minillm.engine.plan import Segment
     from minillm.kernels import compiled
 
     if not compiled.available():
         pytest.skip(f"the compiled kernels do not run here: {compiled.unavailable_reason()}")
     config = load("llama").config
-    pool = KVPool(config, 64, dtype)
+    pool = KVPool(config, 96, dtype)
     torch.manual_seed(4)
     pool.keys.copy_(torch.randn_like(pool.keys, dtype=torch.float32))
     pool.values.copy_(torch.randn_like(pool.values, dtype=torch.float32))
-    slots = torch.randperm(60)[:40] + 1  # slot 0 is reserved
+    slots = torch.randperm(90)[:60] + 1  # slot 0 is reserved
     segments = [
-        Segment([7], 9, slots[:10]),  # decode rows of three sequences around a prompt chunk
-        Segment([3, 4, 5], 6, slots[10:19]),
+        Segment([7], 9, slots[:10]),  # decode rows of three sequences around a draft and a prompt chunk
+        Segment([3, 4, 5], 6, slots[10:19]),  # a token and a draft of two: in the pool, causal
         Segment([8], 12, slots[19:32]),
         Segment([9], 0, slots[32:33]),  # a first token alone: one key
+        Segment(list(range(20, 20 + IN_POOL_ROWS + 2)), 3, slots[33 : 36 + IN_POOL_ROWS + 2]),  # a prompt chunk
     ]
     heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
     rows = sum(len(s.tokens) for s in segments)
     q = torch.randn(heads, rows, dim).to(dtype)
     keys, values = torch.randn(kv_heads, rows, dim).to(dtype), torch.randn(kv_heads, rows, dim).to(dtype)
     fast = ForwardBatch(pool, segments, "cpu", views=True)
-    assert fast.decode == [0, 2, 3]
+    assert fast.decode == [0, 1, 2, 3] and fast.gathered == [4]
     got = fast.attend(0, window, q, keys, values)
     expected = ForwardBatch(pool, segments, "cpu", views=False).attend(0, window, q, keys, values)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

@@ -414,12 +414,12 @@ def test_only_the_rows_that_pick_a_token_compute_logits(load, monkeypatch):
     real_run = minillm.engine.forward_batch.run
 
     def recording_run(model, pool, segments, views):
-        asked.extend((s.start, len(s.tokens), s.logit_row) for s in segments)
+        asked.extend((s.start, len(s.tokens), list(s.logit_rows)) for s in segments)
         return real_run(model, pool, segments, views)
 
     monkeypatch.setattr(minillm.engine.forward_batch, "run", recording_run)
     llm.generate(list(range(2, 22)), max_new_tokens=2, temperature=0, ignore_eos=True)
-    assert asked == [(0, 8, None), (8, 8, None), (16, 4, 3), (20, 1, 0)]
+    assert asked == [(0, 8, []), (8, 8, []), (16, 4, [3]), (20, 1, [0])]
 
 
 def test_every_forward_goes_through_the_runner(load, monkeypatch):

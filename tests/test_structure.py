@@ -18,7 +18,7 @@ READING_ORDER = [
     "cache.kv_pool", "cache.radix_cache", "cache.disk_cache",
     "engine.sampling", "engine.constraint", "engine.guidance", "engine.request", "engine.plan", "engine.kv_manager",
     "engine.scheduler",
-    "engine.forward_batch", "engine.runner", "engine.exact", "engine.engine",
+    "engine.forward_batch", "engine.drafters", "engine.speculation", "engine.runner", "engine.exact", "engine.engine",
     "ranks", "options", "engine.build", "generation_config", "llm",
     "serving.openai_api", "serving.structured", "serving.metrics", "serving.handler", "serving.server",
     "verify", "perplexity", "flags", "cli",

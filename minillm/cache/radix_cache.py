@@ -89,6 +89,9 @@ class RadixCache:
         self.protected_tokens = 0  # of those, in nodes some running request has locked
         self.stats = CacheStats()
         self._clock = 0
+        # told of each new leaf: (the whole inserted sequence, where the leaf's tokens begin in it, the leaf);
+        # speculation's tree lookup indexes the tree's n-grams through it (engine/drafters.py)
+        self.on_new_leaf: Callable[[tuple[int, ...], int, Node], None] | None = None
 
     @property
     def evictable_tokens(self) -> int:
@@ -169,6 +172,8 @@ class RadixCache:
                 node.children[tokens[at]] = leaf
                 self.total_tokens += len(leaf.tokens)
                 self.stats.inserted_tokens += len(leaf.tokens)
+                if self.on_new_leaf is not None:
+                    self.on_new_leaf(tokens, at, leaf)
                 break
             common = common_length(child.tokens, tokens[at:])
             if common < len(child.tokens):

@@ -1,6 +1,7 @@
 """Assemble an engine from its options: the KV pool (made by the runner, so under tensor parallelism every rank
-makes its own), the disk tier, the KV manager, the scheduler and the engine, each told what exact mode and the
-model's RoPE require of it. LLM.configure (llm.py) calls this; a reader sees here every part an engine has."""
+makes its own), the disk tier, the KV manager, the scheduler, speculation's drafter and the engine, each told
+what exact mode and the model's RoPE require of it. LLM.configure (llm.py) calls this; a reader sees here every
+part an engine has."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from ..cache.kv_pool import kv_bytes_per_token
 from ..errors import MinillmError
 from ..model.model import CausalLM
 from ..options import EngineOptions, ExactShape
+from .drafters import DraftModel, PromptLookup, TreeLookup
 from .engine import Engine
 from .kv_manager import KVManager
 from .runner import Runner
 from .scheduler import Scheduler
+from .speculation import Speculation
 
 
 def build_engine(
@@ -28,9 +31,11 @@ def build_engine(
     exact: bool,
     model_dir: Path | None,
     settings: EngineOptions,
+    draft: CausalLM | None = None,
 ) -> Engine:
     """A fresh engine: an empty KV pool and prefix cache (the disk tier, if any, keeps what earlier runs
-    wrote). model_dir: what the disk tier's fingerprint hashes (None: no disk tier)."""
+    wrote). model_dir: what the disk tier's fingerprint hashes (None: no disk tier). draft: the draft model,
+    for speculate="draft" (its KV gets a pool of its own, as many tokens as the model's)."""
     settings.check()
     shape = ExactShape.of(exact, settings)
     kv_tokens = settings.kv_tokens
@@ -65,4 +70,13 @@ def build_engine(
         chunk_prefill=not dynamic,
     )
     tiles = (settings.exact_chunk, settings.exact_decode_rows) if exact else None
-    return Engine(runner, scheduler, tiles, shape.views)
+    speculation = None
+    if settings.speculate != "off":
+        if settings.speculate == "lookup":
+            drafter = PromptLookup()
+        elif settings.speculate == "radix":
+            drafter = TreeLookup(kv.tree)
+        else:
+            drafter = DraftModel(draft, pool.num_slots - 1, draft.model.norm.weight.dtype, device)
+        speculation = Speculation(drafter, kv, settings.num_draft_tokens)
+    return Engine(runner, scheduler, tiles, shape.views, speculation)

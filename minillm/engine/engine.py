@@ -1,9 +1,10 @@
 """The engine: requests in, one batched step at a time, text out.
 
     submit(prompt)  -> a handle (iterate it for text; abort it)
-    step()          three verbs: the scheduler plans (scheduler.py); the runner runs one forward over every
-                    planned row (runner.py, forward_batch.py) and each request that got logits picks its token
-                    with its own sampler; the scheduler finishes the step (counts the computed rows, hands
+    step()          three verbs: the scheduler plans (scheduler.py), and speculation may add a draft to a
+                    decode row (speculation.py); the runner runs one forward over every planned row (runner.py,
+                    forward_batch.py) and each request that got logits picks its token(s) with its own
+                    sampler; the scheduler finishes the step (counts the computed rows, hands
                     completed prompts to the tree, releases finished requests through the KV manager)
 
 A lone request is a batch of one: the same path. A failure in one request's own part of a step (choosing its
@@ -33,6 +34,7 @@ from .plan import Work, segment
 from .request import DONE, Completion, Request
 from .runner import Runner
 from .scheduler import Scheduler
+from .speculation import Speculation
 
 log = logging.getLogger("minillm.engine")
 
@@ -54,12 +56,21 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: Runner, scheduler: Scheduler, exact_tiles: tuple[int, int] | None, views: bool):
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler: Scheduler,
+        exact_tiles: tuple[int, int] | None,
+        views: bool,
+        speculation: Speculation | None = None,
+    ):
         """runner: what runs each forward (runner.py: this process, or every rank of a tensor-parallel group).
         exact_tiles: exact mode's (prefill chunk, decode rows) tile sizes (exact.py), None outside exact mode.
-        views: attention may read consecutive slots as a view of the pool (not in exact mode)."""
+        views: attention may read consecutive slots as a view of the pool (not in exact mode).
+        speculation: drafts for decode rows, verified in the same forward (speculation.py), or None."""
         self.runner = runner
         self.scheduler = scheduler
+        self.speculation = speculation
         self.kv = scheduler.kv
         self.pool = scheduler.kv.pool
         self.exact_tiles, self.views = exact_tiles, views
@@ -143,6 +154,8 @@ class Engine:
             return False
         try:
             works = self.scheduler.plan()
+            if works and self.speculation is not None:
+                self.speculation.attach(works, self.scheduler.running)
             if works:
                 self._run(works)
                 self.scheduler.finish_step(works)
@@ -153,26 +166,34 @@ class Engine:
 
     def _run(self, works: list[Work]) -> None:
         """The runner's forward over every planned row (in exact mode, fixed-shape tiles, one forward each);
-        each request whose last row was computed picks its next token."""
+        each request whose last row was computed picks its next token (with a draft: its next tokens)."""
         if self.exact_tiles is not None:
             tiles = exact_mode.tiles(works, *self.exact_tiles)
         else:
             tiles = [[(segment(w), w if w.sample else None) for w in works]]
+        chosen: dict[int, list[torch.Tensor]] = {}  # id(work) -> the logits [rows, vocab] its tokens come from
         for tile in tiles:
-            logits = iter(self.runner.forward(self.pool, [rows for rows, _ in tile], views=self.views))
+            logits = self.runner.forward(self.pool, [rows for rows, _ in tile], views=self.views)
+            at = 0
             for rows, w in tile:
-                row = next(logits) if rows.logit_row is not None else None
                 if w is not None:
-                    self._accept(w.request, row[None])
+                    chosen.setdefault(id(w), []).append(logits[at : at + len(rows.logit_rows)])
+                at += len(rows.logit_rows)
+        for w in works:
+            if id(w) in chosen:
+                taken = self._accept(w.request, torch.cat(chosen[id(w)]), w.draft)
+                if w.draft and taken is not None:
+                    self.speculation.verified(w, taken)
 
     @staticmethod
-    def _accept(r: Request, logits: torch.Tensor) -> None:
-        """r picks its next token from its logits [1, vocab]. What can fail here is r's alone (its sampler, its
-        logprobs, its stop strings, its stream): such a failure ends r with the error and the rest of the batch
-        goes on. r is then finished, so the bookkeeping after the forward releases its slots as for any
-        finished request; only a failure of the shared forward itself fails everyone (step())."""
+    def _accept(r: Request, logits: torch.Tensor, draft: list[int]) -> int | None:
+        """r picks its next token from its logits [1, vocab] (with a draft of k tokens: [k + 1, vocab], and it
+        takes the draft's tokens while they are the ones it picks). What can fail here is r's alone (its
+        sampler, its logprobs, its stop strings, its stream): such a failure ends r with the error and the rest
+        of the batch goes on. r is then finished, so the bookkeeping after the forward releases its slots as for
+        any finished request; only a failure of the shared forward itself fails everyone (step())."""
         try:
-            r.accept(logits)
+            return r.accept(logits, draft)
         except Exception as e:
             log.warning("request %d failed in its own part of a step (%r); the other requests go on", r.id, e)
             if not r.finished:

@@ -43,20 +43,21 @@ DEFAULT_DECODE_ROWS = 8  # decode rows per tile
 
 # A decode row that computes nothing anyone reads. Decode tiles ask for the logits of every row, padding
 # included: the output projection's row count must not depend on how many rows sample.
-_PAD_ROW = Segment([0], 0, torch.tensor([DUMP_SLOT]), logit_row=0)
+_PAD_ROW = Segment([0], 0, torch.tensor([DUMP_SLOT]), logit_rows=range(1))
 
 
 def tiles(works: list[Work], chunk: int, decode_rows: int) -> list[list[tuple[Segment, Work | None]]]:
     """Split a step's work into fixed-shape forwards: each prefill chunk alone (padded to `chunk` rows, the
     logits of its last real row if it samples), decode rows in groups of `decode_rows` (padded with rows that
-    compute nothing, logits of every row). Each segment comes with the work whose token it samples (None when
-    it samples nothing)."""
+    compute nothing, logits of every row). Each segment comes with the work whose token(s) its logits choose
+    (None when they choose nothing). A verified draft's rows are decode rows like any other, so each of its
+    logits is bitwise what a lone decode step at that position computes."""
     out, decode = [], []
     for w in works:
         if w.start >= len(w.request.prompt):  # decode rows: one per position, each as a lone decode step
-            for p in range(w.start, w.start + w.length):
-                last = p == w.start + w.length - 1
-                decode.append((segment(w, p, 1, logits=True), w if w.sample and last else None))
+            for p in range(w.start, w.start + w.rows):
+                chooses = w.sample and p >= w.start + w.length - 1  # the last known token's row, or a draft's
+                decode.append((segment(w, p, 1, logits=True), w if chooses else None))
             continue
         assert w.start % chunk == 0, "exact prefill must start on a chunk boundary"
         for start in range(w.start, w.start + w.length, chunk):

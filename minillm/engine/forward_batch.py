@@ -16,11 +16,11 @@ beyond what every step gathers anyway. When a sequence's slots happen to be one 
 request on a fresh pool gets consecutive slots), attention reads a view of the pool instead and the gather
 is skipped: `views=False` turns this off for exact mode, whose bits must not depend on where slots lie.
 
-Decode rows (one new token of a sequence) skip the gather altogether where the compiled kernels run:
-kernels/compiled.decode_attention reads each sequence's keys and values slot by slot where they lie in the
-pool. Gathering copied every sequence's whole past on every step and layer; with 8 sequences of 1,100 tokens
-that copy and the attention after it took 124 ms of a step (24 layers) against the kernel's 21
-(tools/bench_attention.py, bench/attention_fp32.json).
+Decode rows (one new token of a sequence, or a few: a verified draft's) skip the gather altogether where the
+compiled kernels run: kernels/compiled.decode_attention reads each row's keys and values slot by slot where
+they lie in the pool. Gathering copied every sequence's whole past on every step and layer; with 8 sequences
+of 1,100 tokens that copy and the attention after it took 124 ms of a step (24 layers) against the kernel's
+21 (tools/bench_attention.py, bench/attention_fp32.json).
 Exact mode keeps the gather and scaled_dot_product_attention, the path its proofs were made on.
 """
 
@@ -32,6 +32,10 @@ from ..cache.kv_pool import KVPool
 from ..kernels import compiled
 from ..model.model import CausalLM, attend, attention_mask
 from .plan import Segment
+
+# Segments of at most this many rows (decode rows, a verified draft's rows) attend in the pool, each row over
+# its own slots (compiled.decode_attention); longer ones (prefill chunks) gather and use SDPA.
+IN_POOL_ROWS = 16
 
 
 class ForwardBatch:
@@ -50,7 +54,7 @@ class ForwardBatch:
         self.lengths = torch.cat([torch.full((len(s.tokens),), s.start + len(s.tokens)) for s in segments]).to(device)
         self.tokens = torch.tensor([t for s in segments for t in s.tokens], device=device)  # [N]
         self.logit_rows = torch.tensor(
-            [b[0] + s.logit_row for s, b in zip(segments, bounds) if s.logit_row is not None],
+            [first + r for s, (first, _) in zip(segments, bounds) for r in s.logit_rows],
             dtype=torch.int64,
             device=device,
         )  # [R]
@@ -60,17 +64,23 @@ class ForwardBatch:
         # decode rows attend in the pool, all in one kernel call (exact mode: views=False keeps the gather)
         in_pool = views and pool.keys.device.type == "cpu" and pool.keys.dtype in (torch.float32, torch.bfloat16)
         in_pool = in_pool and pool.keys.shape[-1] % 8 == 0 and compiled.available()
-        self.decode = [i for i, s in enumerate(segments) if len(s.tokens) == 1] if in_pool else []  # segment indices
-        self.decode_rows = torch.tensor([bounds[i][0] for i in self.decode], dtype=torch.int64)  # [D]
+        short = [i for i, s in enumerate(segments) if len(s.tokens) <= IN_POOL_ROWS] if in_pool else []
+        self.decode = short  # segment indices whose rows attend in the pool
+        self.decode_rows = torch.tensor([r for i in short for r in range(*bounds[i])], dtype=torch.int64)  # [D]
         self.gathered = [i for i in range(len(segments)) if i not in self.decode]  # the others: gather + SDPA
         self.all_decode = not self.gathered
         self._decode_slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _slots_in_window(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode sequences' slots one after another, and where each begins ([D + 1]): all of a sequence's
-        slots, or its last `window` (the keys a sliding window lets its newest token see)."""
+        """The slots each in-pool row attends over, one row's after another, and where each row's begin
+        ([D + 1]): its sequence's slots up to its own position (causal), or their last `window` (the keys a
+        sliding window lets it see)."""
         if window not in self._decode_slots:
-            parts = [self.gather[i] if window is None else self.gather[i][-window:] for i in self.decode]
+            parts = []
+            for i in self.decode:
+                s = self.segments[i]
+                for end in range(s.start + 1, s.start + len(s.tokens) + 1):
+                    parts.append(self.gather[i][:end] if window is None else self.gather[i][max(end - window, 0) : end])
             starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
             self._decode_slots[window] = (torch.cat(parts), starts)
         return self._decode_slots[window]

@@ -5,6 +5,7 @@ The scheduler decides who runs and how much (scheduler.py); this file keeps the 
     prefetch(r)         continue r's prompt lookup on disk, past what the tree holds, into the pool and tree
     admit(r, headroom)  match r's tokens in the tree, lock the match, allocate slots for the rest
     reserve(r, n)       slots for r's next decode positions
+    reserve_free(r, n)  slots for a draft's positions, from free slots only; trim(r) frees the rejected ones
     ensure_free(n)      evict unlocked cached prefixes, least recently used first (to disk, with a tier)
     cache_prompt(r)     r's prompt KV is complete: into the tree now, so requests arriving while r decodes
                         reuse it
@@ -129,6 +130,17 @@ class KVManager:
         r.slot_table[r.num_allocated : r.num_allocated + count] = self.pool.alloc(count)
         r.num_allocated += count
         return True
+
+    def reserve_free(self, r: Request, count: int) -> bool:
+        """Slots for r's next `count` positions from the free slots alone (a draft's: guessing must never evict
+        cached prefixes nor preempt anyone); False (nothing changed) if there are not that many."""
+        return self.pool.free_slots >= count and self.reserve(r, count)
+
+    def trim(self, r: Request) -> None:
+        """Free r's slots past its last token (those of a draft's rejected tokens) at once."""
+        if r.num_allocated > r.num_tokens:
+            self.pool.free(r.slot_table[r.num_tokens : r.num_allocated])
+            r.num_allocated = r.num_tokens
 
     # -- a request's KV is complete, or it leaves -----------------------------------------------------
 

@@ -64,6 +64,8 @@ class Completion:
     logits: torch.Tensor | None = None  # [new tokens, vocab] float32 raw logits of each step, if asked for
     logprobs: list[TokenLogprob] | None = None  # per generated token, if asked for
     forced_tokens: int = 0  # output tokens a constraint forced: appended without a forward of their own
+    draft_proposed: int = 0  # speculation: draft tokens verified by the model
+    draft_accepted: int = 0  # of those, taken as output (each one a forward saved)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -90,6 +92,8 @@ class Completion:
                 "decode_s": self.decode_s,
                 "prefill_tok_s": self.prefill_tok_s,
                 "decode_tok_s": self.decode_tok_s,
+                "draft_proposed": self.draft_proposed,  # speculation (as llama-server's draft_n, draft_n_accepted)
+                "draft_accepted": self.draft_accepted,
             },
         }
 
@@ -126,6 +130,8 @@ class Request:
         self.constraint = constraint
         self.skip_forced = constraint is not None and logprobs is None and not return_logits
         self.forced_tokens = 0  # output tokens appended without a forward of their own (forced by the constraint)
+        self.draft_proposed = self.draft_accepted = 0  # speculation: draft tokens verified, and taken
+        self.speculation = None  # the speculation's state for this request (speculation.py), if it speculates
 
         self.slot_table = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.int64)  # position -> pool slot
         self.node: Node | None = None  # locked end of the cached prefix
@@ -167,10 +173,30 @@ class Request:
 
     # -- choosing tokens ------------------------------------------------------------------------------
 
-    def accept(self, logits: torch.Tensor) -> None:
+    def accept(self, logits: torch.Tensor, draft: list[int] = ()) -> int:
         """The step computed the logits [1, vocab] (float32) of this request's last token: pick the next token
         (within the constraint, if any), stream its text, and decide whether the request is done. Then append
-        the tokens the constraint forces, if any: the next step computes their KV together."""
+        the tokens the constraint forces, if any: the next step computes their KV together.
+
+        With a draft of k guessed tokens, the step fed them after the last token and computed logits
+        [k + 1, vocab]: row i is what the model says after the draft's first i tokens. Each row picks a token
+        exactly as a step of its own would (same sampler, same generator, the history so far); while the pick
+        equals the draft's token, the next row is valid too and picks the token after it. The first pick that
+        differs (or the last row's, after a draft taken whole) ends the step. So the tokens are those the
+        request would have picked one step at a time; a draft only saves the steps (speculation.py).
+        Returns how many of the draft's tokens were taken."""
+        taken_before = self.draft_accepted
+        for i in range(len(draft) + 1):
+            token = self._accept_one(logits[i : i + 1])
+            taken = i < len(draft) and token == draft[i]
+            self.draft_accepted += taken
+            if not taken or self.finished:
+                break
+        self.draft_proposed += len(draft)
+        return self.draft_accepted - taken_before
+
+    def _accept_one(self, logits: torch.Tensor) -> int:
+        """accept() for one row of logits [1, vocab]; the token picked."""
         if self.return_logits:
             self.step_logits.append(logits)
         forced = self.constraint.forced() if self.constraint is not None else []
@@ -196,6 +222,7 @@ class Request:
                     break
             if not forced:
                 break
+        return token
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """logits with every token the constraint does not allow now at -inf (EOS only where it may end)."""
@@ -254,4 +281,6 @@ class Request:
             logits=torch.cat(self.step_logits) if self.return_logits and self.step_logits else None,
             logprobs=list(self.token_logprobs) if self.logprobs is not None else None,
             forced_tokens=self.forced_tokens,
+            draft_proposed=self.draft_proposed,
+            draft_accepted=self.draft_accepted,
         )

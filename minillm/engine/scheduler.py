@@ -149,11 +149,16 @@ class Scheduler:
     # -- finishing a step -----------------------------------------------------------------------------
 
     def finish_step(self, works: list[Work]) -> None:
-        """The planned rows were computed (and the sampling rows sampled): count them, hand a completed prompt
-        to the tree, and take finished requests out of the batch."""
+        """The planned rows were computed (and the sampling rows sampled): count them (of a verified draft, the
+        rows whose tokens were taken), hand a completed prompt to the tree, and take finished requests out of
+        the batch."""
         for w in works:
             r = w.request
-            r.num_computed += w.length
+            if w.draft:  # valid KV: the rows up to the last token taken (a rejected draft token's KV is not)
+                r.num_computed += min(w.rows, r.num_tokens - 1 - w.start)
+                self.kv.trim(r)
+            else:
+                r.num_computed += w.length
             if not r.prompt_cached and r.num_computed >= len(r.prompt):
                 self.kv.cache_prompt(r)
             if r.finished:

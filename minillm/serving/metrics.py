@@ -33,6 +33,12 @@ class Metrics:
             "minillm_cached_tokens", "Prompt tokens found in the prefix cache", registry=registry
         )
         self.generated_tokens = Counter("minillm_generated_tokens", "Tokens generated", registry=registry)
+        self.draft_proposed = Counter(
+            "minillm_draft_proposed_tokens", "Speculation: guessed tokens verified by the model", registry=registry
+        )
+        self.draft_accepted = Counter(
+            "minillm_draft_accepted_tokens", "Speculation: guessed tokens taken as output", registry=registry
+        )
         self.requests = Counter("minillm_requests", "Finished requests", ["finish_reason"], registry=registry)
         self.ttft = Histogram(
             "minillm_time_to_first_token_seconds",
@@ -52,6 +58,8 @@ class Metrics:
         self.prompt_tokens.inc(c.prompt_tokens)
         self.cached_tokens.inc(c.cached_tokens)
         self.generated_tokens.inc(len(c.token_ids))
+        self.draft_proposed.inc(c.draft_proposed)
+        self.draft_accepted.inc(c.draft_accepted)
         self.requests.labels(c.finish_reason).inc()
         if r.token_times:
             self.ttft.observe(c.ttft_s)

@@ -195,12 +195,20 @@ def usage(completions: list[Completion], n: int) -> dict:
     firsts = completions[::n]
     prompt_tokens = sum(c.prompt_tokens for c in firsts)
     completion_tokens = sum(len(c.token_ids) for c in completions)
-    return {
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)},
     }
+    proposed = sum(c.draft_proposed for c in completions)
+    if proposed:  # speculation guessed: OpenAI's fields for predicted tokens taken and turned down
+        accepted = sum(c.draft_accepted for c in completions)
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": proposed - accepted,
+        }
+    return out
 
 
 def logprobs_json(items: list[TokenLogprob], endpoint: str, token_text, offset: int = 0) -> dict:
