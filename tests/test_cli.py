@@ -227,3 +227,17 @@ def test_a_built_wheel_carries_the_bundled_model(tmp_path):
         env=env,
     )
     assert run.returncode == 0 and run.stdout.strip(), run.stderr  # a continuation was printed
+
+
+def test_speculation_flags_keep_the_output_and_report_the_drafts(checkpoint, capsys):
+    """--speculate draft with the checkpoint itself as the draft model: every greedy guess is right, the text
+    is exact mode's plain text, and the per-prompt line counts the drafted tokens."""
+    folder = checkpoint("llama")
+    expected = LLM.load(folder, exact=True).generate("The quick", max_new_tokens=16, temperature=0)
+    argv = ["generate", "--model", str(folder), "--exact", "-n", "16", "--temperature", "0", "The quick"]
+    assert main(argv + ["--speculate", "draft", "--draft-model", str(folder), "--num-draft-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected.text + "\n"
+    assert " drafted accepted" in err
+    assert main(argv + ["--speculate", "lookup", "--draft-model", str(folder)]) == 2
+    assert "only with speculate 'draft'" in capsys.readouterr().err

@@ -508,3 +508,26 @@ def test_a_port_in_use_is_one_line_and_status_2(folder):
         )
     assert result.returncode == 2 and "could not listen on 127.0.0.1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_speculation_in_the_server_keeps_the_answer_and_reports_the_drafts(folder):
+    """--exact --speculate draft with the checkpoint itself as the draft model: its greedy guesses are the
+    model's; the answer is exact mode's plain answer, and usage and /metrics count the guesses."""
+    expected = LLM.load(folder, exact=True).generate("The quick brown fox", max_new_tokens=24, temperature=0)
+    assert len(expected.token_ids) > 4
+    server = Server(folder, "--kv-mb", "2", "--exact", "--speculate", "draft", "--draft-model", str(folder))
+    try:
+        reply = server.client().completions.create(
+            model="tiny", prompt="The quick brown fox", max_tokens=24, temperature=0
+        )
+        assert reply.choices[0].text == expected.text
+        details = reply.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 0
+        m = server.metrics()
+        assert m["minillm_draft_accepted_tokens_total"] == details.accepted_prediction_tokens
+        assert m["minillm_draft_proposed_tokens_total"] == (
+            details.accepted_prediction_tokens + details.rejected_prediction_tokens
+        )
+        server.assert_idle_and_no_slot_owned()
+    finally:
+        assert server.stop() == 0

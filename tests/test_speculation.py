@@ -1,7 +1,6 @@
 """Speculative decoding changes nothing: in exact mode bitwise (tokens, logits, logprobs), in fast mode in
 distribution (a chi-square test); rejected drafts, failures and preemption leak no slot."""
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

@@ -18,6 +18,7 @@ ones the model picks), so a bad guess costs the extra rows of one forward and ne
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -169,6 +170,7 @@ class DraftModel:
         self.model = model
         self.pool = KVPool(model.rank_config, num_slots + 1, dtype, device, poison_freed=False)
         self.kv: dict[int, _DraftKV] = {}  # request id -> its KV here
+        self.prompt_s = 0.0  # of the last propose, the time spent feeding new requests' prompts (a prefill)
 
     def forget(self, request: Request) -> None:
         state = self.kv.pop(request.id, None)
@@ -199,7 +201,10 @@ class DraftModel:
             if k > 0 and self._room(r, state, len(tokens) + k - 1):
                 live.append((i, r, state, k))
         feed = {i: r.tokens[len(state.tokens) :] for i, r, state, _ in live}  # first forward: the catch-up
-        for _ in range(max((k for *_, k in live), default=0)):
+        new_prompts = any(not state.tokens for _, _, state, _ in live)
+        self.prompt_s = 0.0
+        for step in range(max((k for *_, k in live), default=0)):
+            began = time.perf_counter()
             live = [entry for entry in live if len(drafts[entry[0]]) < entry[3]]
             if not live:
                 break
@@ -213,4 +218,6 @@ class DraftModel:
             for (i, *_), row in zip(live, logits.argmax(dim=-1).tolist()):
                 drafts[i].append(row)
                 feed[i] = [row]
+            if step == 0 and new_prompts:
+                self.prompt_s = time.perf_counter() - began
         return drafts

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ class Engine:
         else:
             tiles = [[(segment(w), w if w.sample else None) for w in works]]
         chosen: dict[int, list[torch.Tensor]] = {}  # id(work) -> the logits [rows, vocab] its tokens come from
+        began = time.perf_counter()
         for tile in tiles:
             logits = self.runner.forward(self.pool, [rows for rows, _ in tile], views=self.views)
             at = 0
@@ -179,6 +181,8 @@ class Engine:
                 if w is not None:
                     chosen.setdefault(id(w), []).append(logits[at : at + len(rows.logit_rows)])
                 at += len(rows.logit_rows)
+        if self.speculation is not None:
+            self.speculation.timed(works, time.perf_counter() - began)
         for w in works:
             if id(w) in chosen:
                 taken = self._accept(w.request, torch.cat(chosen[id(w)]), w.draft)

@@ -26,16 +26,19 @@ Requests with a constraint (constraint.py) do not speculate: their forced tokens
 When to guess (fast mode), per request and step. With B rows of plain decode in the step, a step costs about
 S (1 + c (B - 1)) for B tokens, c = ROW_COST the measured cost of one more row relative to the first. A draft
 row costs c S and yields a token with probability a^j for the j-th guess, a the request's recent per-token
-acceptance. It pays while a^j > c B / (1 + c (B - 1)): alone (B = 1) a guess pays from a = 0.07, among 8
-rows from 0.34, among 16 from 0.53. So the draft length is the largest j that passes (at most
+acceptance. It pays while a^j > c B / (1 + c (B - 1)): alone (B = 1) a guess pays from a = 0.1, among 8
+rows from 0.47, among 16 from 0.64. So the draft length is the largest j that passes (at most
 num_draft_tokens), and when the batch is large and guesses poor, speculation is off by itself. A request that
 stopped guessing forgets its record slowly (FORGET per step), so it tries again now and then: with guesses
-that are always wrong, a lone request verifies a one-token draft in about one step of seven.
+that are always wrong, a lone request verifies a one-token draft in about one step of seven. Making a guess
+costs too where a draft model makes it: that cost, measured per guess against the measured one-row step
+(Speculation.timed), is added to the row's, so a draft model that is slow next to the model guesses less.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from .drafters import Drafter
@@ -44,12 +47,16 @@ from .plan import Work
 from .request import Request
 
 MODES = ("off", "lookup", "radix", "draft")
-# One more row of a decode forward, relative to the first: fp32 kernel, 24 layers, 1 row 51.8 ms, 8 rows
-# 73.6, 32 rows 172.6 (bench/kernels_rows_fp32.json): 0.06-0.075 per row.
-ROW_COST = 0.07
+# One more row of a decode forward, relative to a one-row step. Measured: 0.06-0.075 per row for the products
+# of a Qwen2.5-0.5B-shaped model (bench/kernels_rows_fp32.json: 24 layers, 1 row 51.8 ms, 8 rows 73.6, 32 rows
+# 172.6); 0.1-0.2 for SmolLM2-135M's whole forward at 2-9 rows, and about 0.04 per row past 8 (fp32, 30
+# layers: 1 row 31.7 ms, 2 rows 39.1, 5 rows 54.5, 8 rows 53.8, 16 rows 70.7). 0.1 kept 8 concurrent chats at
+# 0.98x the throughput without speculation in tools/bench_speculative.py (0.07 let them fall to 0.84x).
+ROW_COST = 0.1
 PRIOR, PRIOR_WEIGHT = 0.5, 0.5  # acceptance assumed before any verify, worth half a judged guess
 MEMORY = 0.9  # per verify, the weight of the past in the running acceptance estimate
 FORGET = 0.97  # per step without a draft, the past fades this much (so a request that stopped guessing retries)
+COST_FORGET = 0.995  # per step without any draft, the measured cost of a guess fades this much (half-life 140)
 
 
 @dataclass
@@ -73,9 +80,10 @@ class Acceptance:
         self.rate = (self.taken + PRIOR * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
 
 
-def draft_length(rate: float, decode_rows: int, limit: int) -> int:
-    """How many guesses pay at this acceptance rate with this many plain decode rows in the step (see above)."""
-    threshold = ROW_COST * decode_rows / (1 + ROW_COST * (decode_rows - 1))
+def draft_length(rate: float, decode_rows: int, limit: int, draft_cost: float = 0.0) -> int:
+    """How many guesses pay at this acceptance rate with this many plain decode rows in the step (see above).
+    draft_cost: what making one guess costs, relative to a one-row step (a draft model's forwards)."""
+    threshold = (ROW_COST + draft_cost) * decode_rows / (1 + ROW_COST * (decode_rows - 1))
     if rate <= threshold:
         return 0
     if rate >= 1:
@@ -90,6 +98,9 @@ class Speculation:
         self.drafter, self.kv, self.max_draft, self.adaptive = drafter, kv, max_draft, adaptive
         self.proposed = self.accepted = 0  # totals over the engine's life (metrics)
         self._drafting: dict[int, Request] = {}  # request id -> request, those the drafter may hold state for
+        self.step_s: float | None = None  # running estimate of a one-row step's forward (seconds)
+        self.draft_cost = 0.0  # running estimate of one guess's cost, in one-row steps (~0 for lookups)
+        self._draft_s, self._guesses = 0.0, 0  # this step's drafting time and guesses
 
     def attach(self, works: list[Work], running: list[Request]) -> None:
         """Give the step's plain decode works a draft (and slots for its rows, from free slots only)."""
@@ -104,20 +115,39 @@ class Speculation:
             if r.speculation is None:
                 r.speculation = Acceptance()
             limit = min(self.max_draft, r.max_new_tokens - len(r.generated) - 1)
-            k = draft_length(r.speculation.rate, len(decode), limit) if self.adaptive else max(limit, 0)
+            k = draft_length(r.speculation.rate, len(decode), limit, self.draft_cost) if self.adaptive else limit
             if k > 0:
                 wanted.append((w, k))
             else:
                 r.speculation.idle()
+        self._draft_s, self._guesses = 0.0, 0
         if not wanted:
+            self.draft_cost *= COST_FORGET  # measured only while guessing: let an old high cost fade, slowly
             return
         for w, _ in wanted:
             self._drafting[w.request.id] = w.request
+        began = time.perf_counter()
         drafts = self.drafter.propose([(w.request, k) for w, k in wanted])
+        # a draft model's first forward over a new request's prompt is a prefill, paid once per request: not
+        # counted as the cost of guessing
+        self._draft_s = time.perf_counter() - began - getattr(self.drafter, "prompt_s", 0.0)
         for (w, k), draft in zip(wanted, drafts):
             draft = list(draft[:k])
+            self._guesses += len(draft)
             if draft and self.kv.reserve_free(w.request, len(draft)):
                 w.draft = draft
+
+    def timed(self, works: list[Work], forward_s: float) -> None:
+        """The step's forward took forward_s: update the one-row step estimate (from steps of decode rows only)
+        and, if this step guessed, the cost of a guess relative to it."""
+        if any(w.request.in_prefill for w in works):
+            return
+        rows = sum(w.rows for w in works)
+        one_row = forward_s / (1 + ROW_COST * (rows - 1))
+        self.step_s = one_row if self.step_s is None else 0.8 * self.step_s + 0.2 * one_row
+        if self._guesses:
+            cost = self._draft_s / self._guesses / self.step_s
+            self.draft_cost = 0.5 * self.draft_cost + 0.5 * cost
 
     def verified(self, w: Work, accepted: int) -> None:
         """After the forward: fold a verified draft's outcome into its request's acceptance estimate."""
