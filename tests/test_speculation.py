@@ -398,3 +398,23 @@ def test_adaptive_speculation_stops_guessing_when_guesses_fail(exact_llm):
     spec = llm.generate(prompt, max_new_tokens=40, temperature=0)
     assert spec.token_ids == plain.token_ids
     assert 0 < oracle.calls < 20 and spec.draft_proposed < 40
+
+
+def test_a_stop_string_inside_an_accepted_draft_ends_the_request_where_plain_decoding_does(exact_llm):
+    """The stop string's text is reached in the middle of a draft taken whole: the request ends there, with
+    the same text, tokens and finish reason as without speculation, and leaks no slot."""
+    llm = exact_llm("llama")
+    prompt = list(range(5, 25))
+    full = llm.generate(prompt, max_new_tokens=20, temperature=0)
+    text = full.text
+    assert len(text) > 8
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    plain = llm.generate(prompt, max_new_tokens=20, temperature=0, stop=stop)
+    assert plain.finish_reason == "stop"
+    llm.configure(exact_chunk=CHUNK, kv_tokens=1000)
+    oracle = Oracle({tuple(prompt): full.token_ids}, None, llm.config.vocab_size)
+    llm.engine.speculation = Speculation(oracle, llm.engine.kv, 6, adaptive=False)
+    (spec,) = run_checked(llm, [prompt], False, max_new_tokens=20, temperature=0, stop=stop)
+    assert (spec.text, spec.token_ids, spec.finish_reason) == (plain.text, plain.token_ids, plain.finish_reason)
+    assert spec.draft_accepted > 0
+    assert llm.prefix_cache.protected_tokens == 0
