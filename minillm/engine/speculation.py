@@ -30,7 +30,7 @@ acceptance. It pays while a^j > c B / (1 + c (B - 1)): alone (B = 1) a guess pay
 rows from 0.47, among 16 from 0.64. So the draft length is the largest j that passes (at most
 num_draft_tokens), and when the batch is large and guesses poor, speculation is off by itself. A request that
 stopped guessing forgets its record slowly (FORGET per step), so it tries again now and then: with guesses
-that are always wrong, a lone request verifies a one-token draft in about one step of seven. Making a guess
+that are always wrong, a lone request verifies a one-token draft in about one step of twenty. Making a guess
 costs too where a draft model makes it: that cost, measured per guess against the measured one-row step
 (Speculation.timed), is added to the row's, so a draft model that is slow next to the model guesses less.
 """
@@ -55,7 +55,7 @@ MODES = ("off", "lookup", "radix", "draft")
 ROW_COST = 0.1
 PRIOR, PRIOR_WEIGHT = 0.5, 0.5  # acceptance assumed before any verify, worth half a judged guess
 MEMORY = 0.9  # per verify, the weight of the past in the running acceptance estimate
-FORGET = 0.97  # per step without a draft, the past fades this much (so a request that stopped guessing retries)
+FORGET = 0.985  # per step without a draft, the past fades this much (so a request that stopped guessing retries)
 COST_FORGET = 0.995  # per step without any draft, the measured cost of a guess fades this much (half-life 140)
 
 
