@@ -19,6 +19,8 @@ class Oracle:
     """A test drafter: proposes the plain run's own continuation (`reference`: prompt -> its generated ids),
     spoiled from draft position `wrong_from` on (0: every guess wrong; None: every guess right)."""
 
+    prompt_s = 0.0
+
     def __init__(self, reference: dict, wrong_from: int | None, vocab: int):
         self.reference, self.wrong_from, self.vocab = reference, wrong_from, vocab
         self.calls = 0
@@ -279,6 +281,8 @@ def test_sampled_tokens_follow_the_models_distribution_with_speculation(load):
     guesses = [int(second.argmax()), int(third.argmax())]
 
     class Fixed:
+        prompt_s = 0.0
+
         def propose(self, wanted):
             return [guesses[:k] for _, k in wanted]
 

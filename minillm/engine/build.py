@@ -77,6 +77,6 @@ def build_engine(
         elif settings.speculate == "radix":
             drafter = TreeLookup(kv.tree)
         else:
-            drafter = DraftModel(draft, pool.num_slots - 1, draft.model.norm.weight.dtype, device)
+            drafter = DraftModel(draft, pool.num_slots, draft.model.norm.weight.dtype, device)
         speculation = Speculation(drafter, kv, settings.num_draft_tokens)
     return Engine(runner, scheduler, tiles, shape.views, speculation)

@@ -19,6 +19,7 @@ ones the model picks), so a bad guess costs the extra rows of one forward and ne
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -36,6 +37,8 @@ NGRAM_SIZES = (4, 3, 2)  # lookups try the longest n-gram first: the longer the 
 
 
 class Drafter(Protocol):
+    prompt_s: float  # of the last propose, seconds spent prefilling new requests' prompts (a draft model's)
+
     def propose(self, wanted: list[tuple[Request, int]]) -> list[list[int]]: ...
 
     def forget(self, request: Request) -> None: ...
@@ -48,26 +51,36 @@ def ngrams_ending(tokens: tuple[int, ...] | list[int], end: int):
             yield tuple(tokens[end - n : end])
 
 
+@dataclass
+class _OwnNgrams:
+    """One request's index: each n-gram of its tokens -> the position right after its latest occurrence."""
+
+    after: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0  # positions [0, indexed) have had the n-grams ending there recorded
+
+
 class PromptLookup:
-    """Lookup in the request's own tokens. Per request, a dict from each n-gram to the position right after
-    its most recent occurrence, extended as the request grows (each token is indexed once)."""
+    """Lookup in the request's own tokens, through an index per request extended as the request grows (each
+    position is indexed once)."""
+
+    prompt_s = 0.0  # no model: nothing to prefill
 
     def __init__(self):
-        self.indexes: dict[int, tuple[dict, list[int]]] = {}  # request id -> (n-gram -> next position, [indexed])
+        self.indexes: dict[int, _OwnNgrams] = {}  # request id -> its index
 
     def propose(self, wanted: list[tuple[Request, int]]) -> list[list[int]]:
         return [self.lookup(r, k) for r, k in wanted]
 
     def lookup(self, r: Request, k: int) -> list[int]:
         tokens = r.tokens
-        after, indexed = self.indexes.setdefault(r.id, ({}, [0]))
-        for end in range(indexed[0], len(tokens)):  # not the current end: the suffix would find itself
+        own = self.indexes.setdefault(r.id, _OwnNgrams())
+        for end in range(own.indexed, len(tokens)):  # not the current end: the suffix would find itself
             for gram in ngrams_ending(tokens, end):
-                after[gram] = end
-        indexed[0] = len(tokens)
+                own.after[gram] = end
+        own.indexed = len(tokens)
         for gram in ngrams_ending(tokens, len(tokens)):
-            if gram in after:
-                return tokens[after[gram] : after[gram] + k]
+            if gram in own.after:
+                return tokens[own.after[gram] : own.after[gram] + k]
         return []
 
     def forget(self, request: Request) -> None:
@@ -80,20 +93,13 @@ class TreeLookup:
     Splits keep depths and move a node's head into a new parent, so a continuation is found by walking up from
     the node recorded; an evicted node (parent None) makes its entries stale, and they are dropped when met."""
 
+    prompt_s = 0.0
+
     def __init__(self, tree: RadixCache):
         self.tree = tree
         self.after: dict[tuple[int, ...], tuple[Node, int]] = {}
         self.own = PromptLookup()
-        tree.on_new_leaf = self.index
-        for tokens, _ in tree.sequences():  # what the tree already holds
-            self.index(tokens, 0, self._node_at(tokens))
-
-    def _node_at(self, tokens: tuple[int, ...]) -> Node:
-        node, at = self.tree.root, 0
-        while at < len(tokens):
-            node = node.children[tokens[at]]
-            at += len(node.tokens)
-        return node
+        tree.on_new_leaf = self.index  # made with the engine, so the tree is empty: every leaf comes through here
 
     def index(self, tokens: tuple[int, ...], first: int, leaf: Node) -> None:
         """The tree made `leaf` for tokens[first:] of the sequence `tokens`."""
@@ -167,6 +173,7 @@ class DraftModel:
     at a time; all requests side by side in each forward (forward_batch.run, on a pool of the draft's own)."""
 
     def __init__(self, model: CausalLM, num_slots: int, dtype: torch.dtype, device: str):
+        """num_slots: usable slots of its KV pool (build.py gives it as many as the model's pool)."""
         self.model = model
         self.pool = KVPool(model.rank_config, num_slots + 1, dtype, device, poison_freed=False)
         self.kv: dict[int, _DraftKV] = {}  # request id -> its KV here

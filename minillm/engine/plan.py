@@ -71,5 +71,6 @@ def segment(
         tokens = tokens + [0] * pad
         slots = torch.cat((slots, torch.full((pad,), DUMP_SLOT, dtype=torch.int64)))
     wanted = work.sample if logits is None else logits
-    first = length - 1 - (len(work.draft) if start + length == work.start + work.rows else 0)
-    return Segment(tokens, start, slots, range(max(first, 0), length) if wanted else range(0))
+    drafted = max(0, start + length - (work.start + work.length))  # rows of the draft in this segment
+    first = max(length - 1 - drafted, 0)  # the last known token's row (or the segment's first)
+    return Segment(tokens, start, slots, range(first, length) if wanted else range(0))

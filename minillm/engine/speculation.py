@@ -46,7 +46,6 @@ from .kv_manager import KVManager
 from .plan import Work
 from .request import Request
 
-MODES = ("off", "lookup", "radix", "draft")
 # One more row of a decode forward, relative to a one-row step. Measured: 0.06-0.075 per row for the products
 # of a Qwen2.5-0.5B-shaped model (bench/kernels_rows_fp32.json: 24 layers, 1 row 51.8 ms, 8 rows 73.6, 32 rows
 # 172.6); 0.1-0.2 for SmolLM2-135M's whole forward at 2-9 rows, and about 0.04 per row past 8 (fp32, 30
@@ -96,7 +95,6 @@ class Speculation:
         """max_draft: the most guesses per request and step (num_draft_tokens). adaptive: False always guesses
         max_draft tokens where the drafter has them (for tests and measurements)."""
         self.drafter, self.kv, self.max_draft, self.adaptive = drafter, kv, max_draft, adaptive
-        self.proposed = self.accepted = 0  # totals over the engine's life (metrics)
         self._drafting: dict[int, Request] = {}  # request id -> request, those the drafter may hold state for
         self.step_s: float | None = None  # running estimate of a one-row step's forward (seconds)
         self.draft_cost = 0.0  # running estimate of one guess's cost, in one-row steps (~0 for lookups)
@@ -130,7 +128,7 @@ class Speculation:
         drafts = self.drafter.propose([(w.request, k) for w, k in wanted])
         # a draft model's first forward over a new request's prompt is a prefill, paid once per request: not
         # counted as the cost of guessing
-        self._draft_s = time.perf_counter() - began - getattr(self.drafter, "prompt_s", 0.0)
+        self._draft_s = time.perf_counter() - began - self.drafter.prompt_s
         for (w, k), draft in zip(wanted, drafts):
             draft = list(draft[:k])
             self._guesses += len(draft)
@@ -151,6 +149,4 @@ class Speculation:
 
     def verified(self, w: Work, accepted: int) -> None:
         """After the forward: fold a verified draft's outcome into its request's acceptance estimate."""
-        self.proposed += len(w.draft)
-        self.accepted += accepted
         w.request.speculation.update(len(w.draft), accepted)
