@@ -36,11 +36,12 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: a panel of 256 and a short one; 37: a tail of 5
+@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: panels of 128 and a short one; 37: a tail of 5
 def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features):
     """linear_f32 goes through W in tiles of 4 rows of W for 4 rows of x or more (2 rows of x at a time, the
-    odd one alone) and a row of W at a time for fewer: every output must still be summed in one order, so a
-    row of x gets the same bits alone, in a pair, or in batches that put it in either half of a pair."""
+    odd one alone, prefetching the next panel) and a row of W at a time for fewer: every output must still be
+    summed in one order, so a row of x gets the same bits alone, in a pair, or in batches that put it in
+    either half of a pair."""
     torch.manual_seed(3)
     w, x = torch.randn(203, in_features), torch.randn(9, in_features)  # 203 = 50 tiles of 4 and 3 rows alone
     alone = torch.cat([compiled.linear_f32(x[i : i + 1], w) for i in range(len(x))])

@@ -31,7 +31,7 @@ from bench_decode import machine_kind, write_report  # noqa: E402
 
 from minillm import LLM  # noqa: E402
 from minillm.engine import forward_batch  # noqa: E402
-from minillm.loading.prepack import PackedLinear  # noqa: E402
+from minillm.loading.prepack import KERNEL_ROWS, PackedLinear  # noqa: E402
 from minillm.loading.quantize import QuantizedLinear  # noqa: E402
 
 
@@ -42,6 +42,23 @@ def timed(seconds: collections.Counter, key: str, fn):
             return fn(*args, **kwargs)
         finally:
             seconds[key] += time.perf_counter() - start
+
+    return run
+
+
+def timed_products(seconds: collections.Counter, fn):
+    """PackedLinear.forward timed apart by which kernel its row count takes: few rows (decode steps) go to
+    the compiled kernel, many (prompt chunks) to oneDNN."""
+
+    def run(self, x):
+        start = time.perf_counter()
+        try:
+            return fn(self, x)
+        finally:
+            elapsed = time.perf_counter() - start
+            few = x.reshape(-1, x.shape[-1]).shape[0] < KERNEL_ROWS
+            seconds["products"] += elapsed
+            seconds["products: fewer than KERNEL_ROWS rows" if few else "products: KERNEL_ROWS rows or more"] += elapsed
 
     return run
 
@@ -71,22 +88,35 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds: collections.Counter = collections.Counter()
     patches = [
-        (PackedLinear, "forward", "products"),
         (QuantizedLinear, "forward", "products"),
         (forward_batch.ForwardBatch, "attend", "attention"),
         (forward_batch, "attend", "attention: prompt rows' SDPA"),
         (forward_batch, "run", "forward"),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    originals.append((PackedLinear, "forward", PackedLinear.forward))
     for owner, name, key in patches:
         setattr(owner, name, timed(seconds, key, getattr(owner, name)))
+    PackedLinear.forward = timed_products(seconds, PackedLinear.forward)
+    prompt_rows: list[bool] = []  # per forward of this step: whether it had a segment of more than one row
+    timed_run = forward_batch.run
+    forward_batch.run = lambda model, pool, segments, views: (
+        prompt_rows.append(any(len(s.tokens) > 1 for s in segments)) or timed_run(model, pool, segments, views)
+    )
     try:
-        engine, waiting, running, steps = llm.engine, list(prompts), [], 0
+        engine, waiting, running, steps, decode_only_steps = llm.engine, list(prompts), [], 0, 0
         start = time.perf_counter()
         while waiting or running:
             while waiting and len(running) < args.concurrency:
                 running.append(llm.submit(waiting.pop(), max_new_tokens=args.output_len, temperature=0))
-            timed(seconds, "step", engine.step)()
+            prompt_rows.clear()
+            step_start = time.perf_counter()
+            engine.step()
+            step_s = time.perf_counter() - step_start
+            seconds["step"] += step_s
+            if not any(prompt_rows):
+                seconds["steps of decode rows only"] += step_s
+                decode_only_steps += 1
             steps += 1
             running = [h for h in running if not h.request.finished]
         total = time.perf_counter() - start
@@ -102,16 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         | {"output_len": args.output_len, "concurrency": args.concurrency},
         "duration_s": round(total, 1),
         "steps": steps,
+        "steps_of_decode_rows_only": decode_only_steps,
         "output_tok_s": round(len(prompts) * args.output_len / total, 1),
         "prefix_cache_hit_rate": round(llm.stats().prefix_cache_hit_rate, 4),
         "seconds": {
             "step": round(seconds["step"], 1),
             "forward": round(seconds["forward"], 1),
             "products": round(seconds["products"], 1),
+            "products: fewer than KERNEL_ROWS rows": round(seconds["products: fewer than KERNEL_ROWS rows"], 1),
+            "products: KERNEL_ROWS rows or more": round(seconds["products: KERNEL_ROWS rows or more"], 1),
             "attention": round(seconds["attention"], 1),
             "attention: prompt rows' SDPA": round(seconds["attention: prompt rows' SDPA"], 1),
             "rest of the forward": round(seconds["forward"] - seconds["products"] - seconds["attention"], 1),
             "outside the forward (scheduling, sampling)": round(seconds["step"] - seconds["forward"], 1),
+            "steps of decode rows only": round(seconds["steps of decode rows only"], 1),
         },
     }
     write_report(report, args.out)

@@ -24,9 +24,10 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     the 9,728 x 896 matrix (the same time at 512 rows of the 896 x 4,864 one); on an AVX-512 one (2026-12-07)
     MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56. The kernel now takes
     several rows in tiles that read W once for all of them (matmul.cpp): over a 0.5B model's 24 layers' matrices
-    streamed from memory (2026-12-07, AVX-512 machine, bench/kernels_rows_fp32.json) it took 51.8 ms for one
-    row, 73.6 for 8, 106.4 for 16 and 140.9 for 24, where oneDNN took 60.2, 88.1, 114.2 and 144.7, and 172.6
-    against 172.8 at 32. So wherever the kernels run the float32
+    streamed from memory (2026-12-07, AVX-512 machine, bench/kernels_rows_fp32.json) it took 44.6 ms for one
+    row, 61.2 for 8, 85.8 for 16, 145.5 for 24 and 158.5 for 28, where oneDNN took 54.2, 86.8, 111.4, 148.3
+    and 170.9, and 175.9 against 181.6 at 32 (two more runs at 28 and 32 rows: 160.7 / 159.7, 156.9 / 158.0,
+    170.1 / 164.5, 182.6 / 186.1: even). So wherever the kernels run the float32
     matrix keeps its plain layout, products of fewer than KERNEL_ROWS rows take the compiled kernel
     (kernels/compiled.py), more rows (prefill) oneDNN's kernel on that layout.
 
@@ -49,7 +50,7 @@ from torch import nn
 from ..kernels import compiled
 from ..model.model import CausalLM
 
-KERNEL_ROWS = 24  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
+KERNEL_ROWS = 32  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
 
 
 def available(dtype: torch.dtype, device: str) -> bool:
