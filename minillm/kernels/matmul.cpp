@@ -416,17 +416,45 @@ inline float max8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+// Eight sums of eight lanes at once: lane i of the result is the sum of v[i]'s lanes.
+inline __m256 sum8x8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // lanes 0-3 | 4-7 halves
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 // One sequence, one kv head: out[g] = softmax(q[g] . K^T * scale) V for its `group` query heads.
 // q [group][dim] float32; keys, values: the head's [slots][dim] in the pool; slot [length]; scores: room for
 // [group][length]; out [group][dim].
+// Scores go 8 slots at a time: 8 dot products side by side are 8 independent chains of multiply-adds (one
+// dot product alone waits on each add before the next), and the 8 keys, read once from memory, serve every
+// query head of the group from the L1 cache. The values go in blocks of VALUE_BLOCK slots, each block read
+// once from memory for all the group's heads, whose sums wait in `out` between blocks. Against one slot and one
+// head at a time (the version before, built beside it, 0.5B shapes, 8 sequences of 1,100 scattered slots, 24
+// layers): 0.74-0.84x the time with the pool in cache, 0.85-0.99x read from memory (machine noise).
 template <typename T, typename Load8>
 void attend_one(const float* q, const T* keys, const T* values, const int64_t* slot, int64_t length, int64_t group,
                 int64_t dim, float scale, float* scores, float* out, Load8 load8) {
-  constexpr int64_t AHEAD = 8;  // slots: each row is fetched this many rows before its use (slots jump about)
-  for (int64_t l = 0; l < length; ++l) {
-    if (l + AHEAD < length)
-      for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(keys + slot[l + AHEAD] * dim) + b, _MM_HINT_T0);
+  constexpr int64_t AHEAD = 16;  // slots: each row is fetched this many rows before its use (slots jump about)
+  constexpr int64_t VALUE_BLOCK = 32;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  int64_t l = 0;
+  for (; l + 8 <= length; l += 8) {
+    for (int64_t a = l + AHEAD; a < std::min(l + AHEAD + 8, length); ++a)
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(keys + slot[a] * dim) + b, _MM_HINT_T0);
+    const T* k[8];
+    for (int i = 0; i < 8; ++i) k[i] = keys + slot[l + i] * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + g * dim + d);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(k[i] + d), acc[i]);
+      }
+      _mm256_storeu_ps(scores + g * length + l, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; l < length; ++l) {  // the last length mod 8 slots one at a time
     const T* k = keys + slot[l] * dim;
     for (int64_t g = 0; g < group; ++g) {
       __m256 acc = _mm256_setzero_ps();
@@ -434,41 +462,52 @@ void attend_one(const float* q, const T* keys, const T* values, const int64_t* s
       scores[g * length + l] = sum8(acc) * scale;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
+  std::vector<float> inverse(group);
+  for (int64_t g = 0; g < group; ++g) {  // softmax: scores -> e^(score - max), and 1 / their sum
     float* s = scores + g * length;
     __m256 top = _mm256_set1_ps(-INFINITY);
-    int64_t l = 0;
-    for (; l + 8 <= length; l += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + l));
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + i));
     float highest = max8(top);
-    for (; l < length; ++l) highest = std::max(highest, s[l]);
+    for (; i < length; ++i) highest = std::max(highest, s[i]);
     const __m256 shift = _mm256_set1_ps(highest);
     __m256 total = _mm256_setzero_ps();
-    for (l = 0; l + 8 <= length; l += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), shift));
-      _mm256_storeu_ps(s + l, e);
+    for (i = 0; i + 8 <= length; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
+      _mm256_storeu_ps(s + i, e);
       total = _mm256_add_ps(total, e);
     }
     float sum = sum8(total);
-    for (; l < length; ++l) {
-      s[l] = std::exp(s[l] - highest);
-      sum += s[l];
+    for (; i < length; ++i) {
+      s[i] = std::exp(s[i] - highest);
+      sum += s[i];
     }
-    for (int64_t d0 = 0; d0 < dim; d0 += 64) {  // 8 accumulators of 8 lanes: 64 values of the head at a time
-      const int64_t width = std::min<int64_t>(64, dim - d0);
-      __m256 acc[8];
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-      for (int64_t i = 0; i < length; ++i) {
-        if (g == 0 && d0 == 0 && i + AHEAD < length)
-          for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(values + slot[i + AHEAD] * dim) + b, _MM_HINT_T0);
-        const __m256 weight = _mm256_set1_ps(s[i]);
-        const T* v = values + slot[i] * dim + d0;
-        for (int64_t k = 0; k < width / 8; ++k) acc[k] = _mm256_fmadd_ps(weight, load8(v + 8 * k), acc[k]);
+    inverse[g] = 1.0f / sum;
+  }
+  std::fill(out, out + group * dim, 0.0f);
+  for (int64_t b0 = 0; b0 < length; b0 += VALUE_BLOCK) {
+    const int64_t b1 = std::min(b0 + VALUE_BLOCK, length);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* s = scores + g * length;
+      for (int64_t d0 = 0; d0 < dim; d0 += 64) {  // 8 accumulators of 8 lanes: 64 values of the head at a time
+        const int64_t width = std::min<int64_t>(64, dim - d0);
+        __m256 acc[8];
+        for (int k = 0; k < width / 8; ++k) acc[k] = _mm256_loadu_ps(out + g * dim + d0 + 8 * k);
+        for (int64_t i = b0; i < b1; ++i) {
+          if (g == 0 && d0 == 0 && i + AHEAD < length)
+            for (int64_t b = 0; b < row_bytes; b += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(values + slot[i + AHEAD] * dim) + b, _MM_HINT_T0);
+          const __m256 weight = _mm256_set1_ps(s[i]);
+          const T* v = values + slot[i] * dim + d0;
+          for (int64_t k = 0; k < width / 8; ++k) acc[k] = _mm256_fmadd_ps(weight, load8(v + 8 * k), acc[k]);
+        }
+        for (int64_t k = 0; k < width / 8; ++k) _mm256_storeu_ps(out + g * dim + d0 + 8 * k, acc[k]);
       }
-      const __m256 inverse = _mm256_set1_ps(1.0f / sum);
-      for (int64_t k = 0; k < width / 8; ++k) _mm256_storeu_ps(out + g * dim + d0 + 8 * k, _mm256_mul_ps(acc[k], inverse));
     }
   }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; d += 8)
+      _mm256_storeu_ps(out + g * dim + d, _mm256_mul_ps(_mm256_loadu_ps(out + g * dim + d), _mm256_set1_ps(inverse[g])));
 }
 
 // q [heads, rows, dim]: one query per sequence; keys, values [kv_heads, slots, dim] (one layer of the pool);
