@@ -74,10 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-prefill-tokens", type=int, help="prompt tokens per step (default: the engine's)")
+    parser.add_argument("--max-batch", type=int, help="requests running at once (default: the engine's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    settings = {"max_prefill_tokens": args.max_prefill_tokens, "max_batch": args.max_batch}
+    if any(settings.values()):
+        llm.configure(**{k: v for k, v in settings.items() if v})
     llm.defaults.eos_token_ids = []  # every request produces output-len tokens, as ignore_eos does
     vocab = llm.config.vocab_size
     rng = random.Random(args.seed)
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "dtype": str(llm.dtype),
         "weight_form": llm.model.weight_form,
+        "max_prefill_tokens": llm.engine.scheduler.max_prefill_tokens,
+        "max_batch": llm.engine.scheduler.max_batch,
         "load": {k: getattr(args, k) for k in ("groups", "prompts_per_group", "prefix_len", "question_len")}
         | {"output_len": args.output_len, "concurrency": args.concurrency},
         "duration_s": round(total, 1),
