@@ -47,8 +47,8 @@ def timed(seconds: collections.Counter, key: str, fn):
 
 
 def timed_products(seconds: collections.Counter, fn):
-    """PackedLinear.forward timed apart by which kernel its row count takes: few rows (decode steps) go to
-    the compiled kernel, many (prompt chunks) to oneDNN."""
+    """PackedLinear.forward timed apart by its row count: with float32 weights where the kernels run, fewer
+    than KERNEL_ROWS rows (decode steps) go to the compiled kernel, more (prompt chunks) to oneDNN."""
 
     def run(self, x):
         start = time.perf_counter()
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize)
     settings = {"max_prefill_tokens": args.max_prefill_tokens, "max_batch": args.max_batch}
-    if any(settings.values()):
-        llm.configure(**{k: v for k, v in settings.items() if v})
+    if changed := {k: v for k, v in settings.items() if v is not None}:
+        llm.configure(**changed)
     llm.defaults.eos_token_ids = []  # every request produces output-len tokens, as ignore_eos does
     vocab = llm.config.vocab_size
     rng = random.Random(args.seed)
