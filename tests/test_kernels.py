@@ -1,5 +1,5 @@
-"""The compiled kernels (kernels/matmul.cpp) called directly, and the float32 path that uses one of them
-(prepack.PackedLinear on CPUs without AVX-512). quantize.py's forms are tested through their layers in
+"""The compiled kernels (kernels/matmul.cpp) called directly, and the float32 layers that use one of them
+(prepack.PackedLinear). quantize.py's forms are tested through their layers in
 test_quantize.py; here: lengths that are not whole blocks, shapes refused, rows independent of each other."""
 
 import os
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minillm.kernels import compiled
-from minillm.loading import prepack, quantize
+from minillm.loading import quantize
 from minillm.loading.prepack import PackedLinear
 
 
@@ -28,7 +28,7 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
     wb = w.bfloat16()
     reference = x.bfloat16().float() @ wb.float().T
     for got, expected, tolerance in [
-        (compiled.linear_f32(x, w), x @ w.T, 1e-5),  # float32: only the summation order differs
+        (compiled.linear_f32(x, compiled.pack_f32(w), 200), x @ w.T, 1e-5),  # float32: only the summation order differs
         (compiled.linear_bf16(x, wb), x @ wb.float().T, 1e-5),  # bf16 weights widened exactly
         (compiled.linear_bf16(x.bfloat16(), wb), reference, 1e-2),  # bf16 activations, result rounded to bf16
     ]:
@@ -36,18 +36,22 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: panels of 128 and a short one; 37: a tail of 5
+@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: panels of 256 and a short one
 def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features):
-    """linear_f32 goes through W in tiles of 4 rows of W for 4 rows of x or more (2 rows of x at a time, the
-    odd one alone, prefetching the next panel) and a row of W at a time for fewer: every output must still be
-    summed in one order, so a row of x gets the same bits alone, in a pair, or in batches that put it in
-    either half of a pair."""
+    """linear_f32 takes two blocks of 16 output channels at a time for up to 2 rows, one block for more, the
+    rows in groups of up to 6 that go through a block in panels once there are several groups, and above 512
+    rows 512 at a time; 203 outputs end in a block of 11. Every output must still be one chain of
+    multiply-adds in input order, so a row of x gets the same bits alone or in any batch, in any group."""
     torch.manual_seed(3)
-    w, x = torch.randn(203, in_features), torch.randn(9, in_features)  # 203 = 50 tiles of 4 and 3 rows alone
-    alone = torch.cat([compiled.linear_f32(x[i : i + 1], w) for i in range(len(x))])
+    w, x = torch.randn(203, in_features), torch.randn(9, in_features)
+    packed = compiled.pack_f32(w)
+    assert packed.shape == (13, in_features, 16) and torch.equal(packed[12, :, 11:], torch.zeros(in_features, 5))
+    alone = torch.cat([compiled.linear_f32(x[i : i + 1], packed, 203) for i in range(len(x))])
     assert (alone - x @ w.T).abs().max() <= 1e-5 * (x @ w.T).abs().max()
-    for first, count in [(0, 2), (0, 3), (0, 4), (1, 5), (0, 9), (2, 7)]:
-        assert torch.equal(compiled.linear_f32(x[first : first + count], w), alone[first : first + count])
+    for first, count in [(0, 2), (0, 3), (0, 4), (1, 5), (0, 6), (2, 7), (0, 9)]:
+        assert torch.equal(compiled.linear_f32(x[first : first + count], packed, 203), alone[first : first + count])
+    many = torch.cat([torch.randn(520, in_features), x])  # a pass of 512 rows, then 17 with x's last 9
+    assert torch.equal(compiled.linear_f32(many, packed, 203)[-9:], alone)
 
 
 @pytest.mark.parametrize("in_features,group", [(416, 32), (896, 32), (896, 128), (448, 64)])
@@ -96,29 +100,31 @@ def test_bad_shapes_are_refused_with_the_reason():
         compiled.linear_q8_0(torch.zeros(1, 32), q, d)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         compiled.linear_q8_0(torch.zeros(1, 48), torch.zeros(4, 48, dtype=torch.int8), d)
+    with pytest.raises(RuntimeError, match="must be packed"):
+        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(4, 64), 4)
+    with pytest.raises(RuntimeError, match="out does not match"):
+        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(1, 64, 16), 20)
     with pytest.raises(RuntimeError, match="float32"):
-        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.float64))
+        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(1, 64, 16, dtype=torch.float64), 16)
 
 
-def test_float32_packed_layers_take_the_kernel_for_few_rows_and_onednn_for_more(monkeypatch):
-    """Where chosen (AVX2-only CPUs; forced here), a float32 PackedLinear keeps the plain layout: fewer than
-    KERNEL_ROWS rows take linear_f32, more take oneDNN; both equal F.linear to rounding, and the kernel's rows
-    are independent of each other bit for bit."""
-    monkeypatch.setattr(compiled, "f32_beats_blas", lambda: True)
+def test_float32_packed_layers_take_the_kernel_for_every_number_of_rows():
+    """Where the kernels run, a float32 PackedLinear holds its stacked weights packed for linear_f32 and every
+    product takes it, decode rows and prompt chunks alike: equal to F.linear to rounding, each row's bits
+    independent of the other rows."""
     torch.manual_seed(1)
-    parts = [nn.Linear(96, 64), nn.Linear(96, 32)]
+    parts = [nn.Linear(96, 64), nn.Linear(96, 40)]
     layer = PackedLinear(*parts, dtype=torch.float32, onednn=False)
-    assert layer.kernel
+    assert layer.kernel and layer.weight.shape == (7, 96, 16)
     weight = torch.cat([p.weight for p in parts]).detach()
     bias = torch.cat([p.bias for p in parts]).detach()
-    for rows in (1, prepack.KERNEL_ROWS - 1, prepack.KERNEL_ROWS, 40):
-        x = torch.randn(rows, 96)
-        expected = x @ weight.T + bias
-        assert (layer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    x = torch.randn(prepack.KERNEL_ROWS - 1, 96)
+    x = torch.randn(40, 96)
+    expected = x @ weight.T + bias
+    for rows in (1, 2, 5, 31, 40):
+        assert (layer(x[:rows]) - expected[:rows]).abs().max() <= 1e-5 * expected.abs().max()
     together = layer(x)
     assert all(torch.equal(layer(x[i : i + 1]), together[i : i + 1]) for i in range(len(x)))
-    assert layer(torch.randn(2, 3, 96)).shape == (2, 3, 96)  # leading dimensions kept
+    assert layer(torch.randn(2, 3, 96)).shape == (2, 3, 104)  # leading dimensions kept
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 
 from minillm import LLM
 from minillm.errors import MinillmError
+from minillm.kernels import compiled
 from minillm.loading import prepack
 from minillm.loading.safetensors_mmap import SafetensorsFile
 
@@ -95,15 +96,16 @@ def test_prepacked_and_plain_weights_agree(checkpoint):
 
 
 @pytest.mark.skipif(not prepack.available(torch.bfloat16, "cpu"), reason="this torch build has no oneDNN bf16")
-def test_float32_packs_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint):
-    """Each dtype gets the kernel that streams best (prepack.py): float32 weights stay a plain stacked matrix
-    (read by the compiled kernel for few rows where it runs, else F.linear, whose product it then is exactly),
-    bfloat16 ones become oneDNN's opaque layout;
-    exact mode reorders float32 for oneDNN too (MKL's rows are not independent of the other rows' bits)."""
+def test_float32_packs_for_the_kernel_or_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint):
+    """Each dtype gets the kernel that streams best (prepack.py): float32 weights are packed in blocks of 16
+    output channels for the compiled kernel where it runs (else they stay a plain stacked matrix for F.linear,
+    whose product it then is exactly), bfloat16 ones become oneDNN's opaque layout; exact mode without the
+    compiled kernel reorders float32 for oneDNN too (MKL's rows are not independent of the other rows' bits)."""
     folder = checkpoint("llama")
+    kernel = compiled.available()
     for options, onednn in (
         (dict(dtype="float32"), False),
-        (dict(dtype="float32", exact=True), True),
+        (dict(dtype="float32", exact=True), not kernel),
         (dict(dtype="bfloat16"), True),
         (dict(dtype="bfloat16", exact=True), True),
     ):
@@ -114,11 +116,13 @@ def test_float32_packs_by_stacking_bfloat16_by_reordering_for_onednn(checkpoint)
     x = torch.randn(3, 64)
     fp32 = prepack.PackedLinear(*parts, dtype=torch.float32, onednn=False)
     stacked = torch.cat([p.weight for p in parts]).detach()
-    assert fp32.weight.layout == torch.strided and torch.equal(fp32.weight, stacked)
     reference = F.linear(x, stacked, torch.cat([p.bias for p in parts]).detach())
+    assert fp32.kernel == kernel
     if fp32.kernel:
+        assert torch.equal(fp32.weight, compiled.pack_f32(stacked)) and fp32.weight.shape == (6, 64, 16)
         assert torch.allclose(fp32(x), reference, rtol=0, atol=1e-5)
     else:
+        assert fp32.weight.layout == torch.strided and torch.equal(fp32.weight, stacked)
         assert torch.equal(fp32(x), reference)
     bf16 = prepack.PackedLinear(*parts, dtype=torch.bfloat16, onednn=True)
     assert bf16.weight.layout == torch._mkldnn and fp32.weight_bytes == 2 * bf16.weight_bytes

@@ -1,11 +1,12 @@
 """One-row matrix products, kernel by kernel, at the speed a decode step sees them: streamed from memory.
 
     python tools/bench_kernels.py --out bench/kernels_avx2.json        # ~4 min
-    python tools/bench_kernels.py --rows 1,2,4,8,16,24,32 --out bench/kernels_rows_fp32.json   # ~2 min
+    python tools/bench_kernels.py --rows 1,2,4,8,16,24,32,64,512 --out bench/kernels_rows_fp32.json   # ~4 min
 
-With --rows: float32 products of several rows (a batched decode step) over the 24 layers' matrices, for the
-kernels PackedLinear chooses between (linear_f32 below KERNEL_ROWS rows, oneDNN on the same plain layout
-from there) and MKL's, taking turns.
+With --rows: float32 products of several rows (a batched decode step; 64 and 512: prompt chunks) over the 24
+layers' matrices, for the kernel every float32 PackedLinear takes where it runs (linear_f32 on its packed
+layout), oneDNN (on the plain layout: what PackedLinear ran for prompt rows before; on its own packed one) and
+MKL's, taking turns.
 
 A decode step multiplies one row by each matrix of a Qwen2.5-0.5B-shaped model once: 24 layers of q/k/v
 (1152 x 896, stacked), o (896 x 896), gate/up (9728 x 896, stacked) and down (896 x 4864), then the output
@@ -79,8 +80,12 @@ def qlinear(w: torch.Tensor):
 
 
 # name -> (make(w fp32) -> prepared weight, product(x, prepared), activation dtype, bytes read per weight)
+def f32_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return compiled.linear_f32(x, packed, packed.shape[0] * compiled.F32_BLOCK)  # every shape here: whole blocks
+
+
 KERNELS = {
-    "fp32 minillm linear_f32": (lambda w: w, compiled.linear_f32, torch.float32, 4),
+    "fp32 minillm linear_f32": (compiled.pack_f32, f32_product, torch.float32, 4),
     "bf16 minillm linear_bf16": (lambda w: w.bfloat16(), compiled.linear_bf16, torch.float32, 2),
     "int8 minillm linear_q8_0": (quantize_int8, lambda x, w: compiled.linear_q8_0(x, *w), torch.float32, 1 + 2 / 32),
     "int4 minillm linear_q4_1": (
@@ -153,11 +158,12 @@ def measure(make, product, act_dtype, bytes_per_weight: float, repeats: int) -> 
     }
 
 
-# --rows: float32 products of several rows (a batched decode step), the kernels minillm chooses between
+# --rows: float32 products of several rows; name -> (make(w) -> prepared weight, product(x, prepared))
 ROW_KERNELS = {
-    "fp32 minillm linear_f32": compiled.linear_f32,
-    "fp32 oneDNN plain layout": onednn_product,  # what PackedLinear runs from KERNEL_ROWS rows on
-    "fp32 F.linear (MKL)": torch.nn.functional.linear,
+    "fp32 minillm linear_f32": (compiled.pack_f32, f32_product),
+    "fp32 oneDNN plain layout": (lambda w: w, onednn_product),
+    "fp32 oneDNN packed": (onednn, onednn_product),
+    "fp32 F.linear (MKL)": (lambda w: w, torch.nn.functional.linear),
 }
 
 
@@ -165,15 +171,16 @@ def measure_rows(row_counts: list[int], repeats: int) -> dict:
     """ms over one copy of each layer matrix for LAYERS layers (read from memory), per row count and kernel;
     the kernels take turns within each repeat, so they meet the same machine state; best of the repeats."""
     torch.manual_seed(0)
-    layers = [(torch.randn(o, i) * 0.05, i) for _ in range(LAYERS) for o, i in LAYER_SHAPES]
+    plain = [(torch.randn(o, i) * 0.05, i) for _ in range(LAYERS) for o, i in LAYER_SHAPES]
+    layers = {name: [(make(w), i) for w, i in plain] for name, (make, _) in ROW_KERNELS.items()}
     out = {}
     for n in row_counts:
         x = {i: torch.randn(n, i) for i in {i for _, i in LAYER_SHAPES}}
         best = dict.fromkeys(ROW_KERNELS, float("inf"))
         for _ in range(repeats):
-            for name, product in ROW_KERNELS.items():
+            for name, (_, product) in ROW_KERNELS.items():
                 start = time.perf_counter()
-                for w, i in layers:
+                for w, i in layers[name]:
                     product(x[i], w)
                 best[name] = min(best[name], time.perf_counter() - start)
         out[n] = {name: round(seconds * 1e3, 1) for name, seconds in best.items()}

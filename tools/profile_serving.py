@@ -31,7 +31,7 @@ from bench_decode import machine_kind, write_report  # noqa: E402
 
 from minillm import LLM  # noqa: E402
 from minillm.engine import forward_batch  # noqa: E402
-from minillm.loading.prepack import KERNEL_ROWS, PackedLinear  # noqa: E402
+from minillm.loading.prepack import PackedLinear  # noqa: E402
 from minillm.loading.quantize import QuantizedLinear  # noqa: E402
 
 
@@ -46,9 +46,12 @@ def timed(seconds: collections.Counter, key: str, fn):
     return run
 
 
+FEW_ROWS = 32  # products of fewer rows: decode steps (up to the batch's rows); more: prompt chunks
+
+
 def timed_products(seconds: collections.Counter, fn):
-    """PackedLinear.forward timed apart by its row count: with float32 weights where the kernels run, fewer
-    than KERNEL_ROWS rows (decode steps) go to the compiled kernel, more (prompt chunks) to oneDNN."""
+    """PackedLinear.forward timed apart by its row count: fewer than FEW_ROWS rows (decode steps) or more
+    (steps with prompt chunks)."""
 
     def run(self, x):
         start = time.perf_counter()
@@ -56,9 +59,9 @@ def timed_products(seconds: collections.Counter, fn):
             return fn(self, x)
         finally:
             elapsed = time.perf_counter() - start
-            few = x.reshape(-1, x.shape[-1]).shape[0] < KERNEL_ROWS
+            few = x.reshape(-1, x.shape[-1]).shape[0] < FEW_ROWS
             seconds["products"] += elapsed
-            seconds["products: fewer than KERNEL_ROWS rows" if few else "products: KERNEL_ROWS rows or more"] += elapsed
+            seconds["products: fewer than 32 rows" if few else "products: 32 rows or more"] += elapsed
 
     return run
 
@@ -146,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             "step": round(seconds["step"], 1),
             "forward": round(seconds["forward"], 1),
             "products": round(seconds["products"], 1),
-            "products: fewer than KERNEL_ROWS rows": round(seconds["products: fewer than KERNEL_ROWS rows"], 1),
-            "products: KERNEL_ROWS rows or more": round(seconds["products: KERNEL_ROWS rows or more"], 1),
+            "products: fewer than 32 rows": round(seconds["products: fewer than 32 rows"], 1),
+            "products: 32 rows or more": round(seconds["products: 32 rows or more"], 1),
             "attention": round(seconds["attention"], 1),
             "attention: prompt rows' SDPA": round(seconds["attention: prompt rows' SDPA"], 1),
             "rest of the forward": round(seconds["forward"] - seconds["products"] - seconds["attention"], 1),

@@ -1,4 +1,4 @@
-"""The compiled decode kernels (matmul.cpp): built once per machine, used where the CPU can run them.
+"""The compiled kernels (matmul.cpp): built once per machine, used where the CPU can run them.
 
 Why compiled code: decoding a token multiplies one row of activations by every weight matrix, so its speed is
 how fast the weights stream from memory. PyTorch's own kernels fall short of that on CPUs exactly where it
@@ -6,9 +6,10 @@ matters: its weight-only int8 and int4 products are compute-bound on one row (6-
 and where the CPU has no native bf16 arithmetic (AVX2 only) its bf16 products run several times slower than
 float32. matmul.cpp does a block of 32 weights in a handful of AVX2 instructions, so one row streams at memory
 speed on any x86 CPU of the last ten years (AVX-512 machines run the same AVX2 code: at one row the memory, not
-the vector width, sets the pace). Several float32 rows (a batched decode step) go through W in tiles that
-read each weight once for all of them. And decode attention reads each sequence's keys and values where they
-lie in the KV pool, instead of gathering a copy first (engine/forward_batch.py).
+the vector width, sets the pace). Float32 weights are packed in blocks of 16 output channels (pack_f32) for a
+kernel that reads each weight once for all the rows of a product: a batched decode step's, and a prompt
+chunk's, where it keeps pace with oneDNN's matrix multiply. And decode attention reads each sequence's keys
+and values where they lie in the KV pool, instead of gathering a copy first (engine/forward_batch.py).
 
 How: torch.utils.cpp_extension compiles matmul.cpp on first use (about 30 s; needs a C++ compiler and ninja)
 into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), and later
@@ -124,19 +125,26 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.minillm.linear_bf16(x, w)
 
 
-def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] float32 times W^T, W [out, in] float32 -> [rows, out]."""
-    return torch.ops.minillm.linear_f32(x, w)
+F32_BLOCK = 16  # output channels per block of pack_f32's layout: 16 floats, one 64-byte line
 
 
-@functools.cache
-def f32_beats_blas() -> bool:
-    """Whether float32 products of few rows should take linear_f32 rather than MKL's gemv: wherever the kernels
-    run. On AVX2-only CPUs one row through MKL read 11.0-11.7 GB/s against linear_f32's 11.9-13.9
-    (bench/kernels_avx2.json) and fp32 decode ran 3.9 against 5.8 tok/s; on an AVX-512 one (2026-12-07) one
-    row of the 9,728 x 896 matrix took 2.2 ms through MKL against 0.56 ms, and a decode step 54.8 against
-    27.3 ms (SmolLM2) and 144 against 65 ms (the 0.5B benchmark model)."""
-    return available()
+def pack_f32(w: torch.Tensor) -> torch.Tensor:
+    """W [out, in] float32 -> [ceil(out / 16), in, 16], the layout linear_f32 reads: packed[b, i, c] =
+    W[16 b + c, i], the last block's channels past `out` zero. Each input channel's 16 weights of a block
+    are one line, so a product streams W in order and needs no sums across vector lanes (matmul.cpp)."""
+    out, in_features = w.shape
+    whole = out // F32_BLOCK
+    packed = torch.empty(-(-out // F32_BLOCK), in_features, F32_BLOCK, dtype=torch.float32)
+    packed[:whole] = w[: whole * F32_BLOCK].view(whole, F32_BLOCK, in_features).transpose(1, 2)
+    if whole < len(packed):
+        packed[whole] = 0.0
+        packed[whole, :, : out - whole * F32_BLOCK] = w[whole * F32_BLOCK :].T
+    return packed
+
+
+def linear_f32(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
+    """x [rows, in] float32 times W^T, W [out, in] float32 given as pack_f32(W) -> [rows, out]."""
+    return torch.ops.minillm.linear_f32(x, packed, out)
 
 
 def decode_attention(

@@ -1,5 +1,6 @@
-// Matrix products for decode on x86 CPUs with AVX2: a few rows of activations against weights held in a
-// compact form, each weight read from memory once per product. See kernels/compiled.py for why they exist.
+// Matrix products on x86 CPUs with AVX2: a few rows of activations (decode) against weights held in a compact
+// form, each weight read from memory once per product, and for float32 any number of rows (prompt chunks
+// too). See kernels/compiled.py for why they exist.
 //
 // Weight forms (blocks of 32 input channels, as GGUF's Q8_0 and Q4_1; scales stored as float16):
 //   q8_0:  w = d * q,      q int8 in -127..127            q [out, in] int8,       d [out, in / 32] f16
@@ -7,13 +8,14 @@
 //          (group: 32, as Q4_1, or a multiple of 32 sharing d and m); byte i of each 32 values' 16 bytes
 //          holds value i in its low nibble and value i + 16 in its high one
 //   bf16:  w as stored                                    w [out, in] bf16
-//   f32:   w as stored                                    w [out, in] float32
+//   f32:   w in blocks of 16 output channels              packed [out / 16, in, 16] float32 (see linear_f32)
 // For q8_0 and q4_1 the activations are quantized too, per row and block of 32 (x = dx * qx, qx int8), so
 // a block's dot product is one run of integer multiply-adds and one float multiply: sum(w x) = dw dx
 // sum(q qx) (+ m dx sum(qx) for q4_1).
 //
 // Every output element is one row of x against one row of W, summed in an order fixed by `in` alone, so a
 // row's result does not depend on the other rows or on how the output is split among threads (exact mode).
+// The row-by-row kernels below (q8_0, q4_1, bf16) take one row of x at a time; float32's takes several.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -219,76 +221,6 @@ inline float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
   return total;
 }
 
-// Float32 weights against float32 rows. A product of several rows should cost little more than one: W is read
-// from memory once and each weight used for every row. So a thread takes J rows of W (a tile) and goes along
-// them a panel of PANEL columns at a time; within a panel, the rows of x two at a time, with J x 2 accumulators
-// of 8 lanes in registers (each 8 weights loaded once per two rows, each 8 activations once per J weight rows).
-// The accumulators wait in memory between panels. Only the first pass over a panel reads W from memory; the
-// passes for the other rows find it in the L1 cache and run at the speed of the arithmetic, during which
-// nothing would be read from memory: so the first pass also asks for the next panel's lines (a prefetch, two
-// lines every 8 columns), and memory and arithmetic run together. Measured over a 0.5B model's 24 layers
-// (AVX-512 machine, fp32): 8 rows 66-71 ms against 74-87 without it, 4 rows 57-63 against 69-77, 16 rows
-// 93 against 105-112 (panels of 256 columns, with or without prefetching, and prefetches further ahead or
-// into L2 only, all measured slower). Every output is summed the same way whatever tile, panel or pair holds
-// it (its 8 lanes in order of the columns, then across the lanes, then the last in mod 8 one by one), so a
-// row's result does not depend on the other rows (exact mode).
-constexpr int64_t PANEL = 128;  // columns: J rows of W and every row of x, a panel, stay in the L1 cache
-
-// acc [R][J][8 lanes] += x[r, i0:i1] * w[j, i0:i1] lane by lane; i1 - i0 a multiple of 8. While it goes, the
-// lines of `next` (a panel of J rows of W, `lines` 64-byte lines in all, row by row) are prefetched, two per
-// 8 columns.
-template <int J, int R>
-inline void panel_f32(const float* w, int64_t in, const float* x, float* acc, int64_t i0, int64_t i1,
-                      const float* next, int64_t lines) {
-  __m256 sum[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) sum[r][j] = _mm256_loadu_ps(acc + 8 * (r * J + j));
-  int64_t line = 0;
-  for (int64_t i = i0; i < i1; i += 8) {
-    for (int k = 0; k < 2 && line < lines; ++k, ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(next + (line % J) * in + (line / J) * 16), _MM_HINT_T0);
-    __m256 wv[J];
-    for (int j = 0; j < J; ++j) {
-      wv[j] = _mm256_loadu_ps(w + j * in + i);
-      if (R > 1) asm("" : "+x"(wv[j]));  // kept in a register for the R rows: else the compiler loads it R times
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * in + i);
-      for (int j = 0; j < J; ++j) sum[r][j] = _mm256_fmadd_ps(wv[j], xv, sum[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) _mm256_storeu_ps(acc + 8 * (r * J + j), sum[r][j]);
-}
-
-// y[:, 0:J] = x W[0:J]^T: J rows of W against every row of x; acc: room for [rows][J][8 lanes]. prefetch_past:
-// how many floats of W follow the tile; where a whole tile does, the last panel's pass asks for its first panel.
-// (A lone row of W, J = 1, is one stream, which the hardware prefetcher follows: nothing is asked for.)
-template <int J>
-void tile_f32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t out, float* acc,
-              int64_t prefetch_past) {
-  std::fill(acc, acc + 8 * J * rows, 0.0f);
-  const int64_t whole = in / 8 * 8;
-  for (int64_t i0 = 0; i0 < whole; i0 += PANEL) {
-    const int64_t i1 = std::min(i0 + PANEL, whole);
-    const bool last = i1 == whole;  // then the next panel is the next tile's first, if a whole tile follows
-    const float* next = last ? w + J * in : w + i1;
-    const int64_t next_columns =
-        !last ? std::min(PANEL, whole - i1) : prefetch_past >= J * in ? std::min(PANEL, whole) : 0;
-    const int64_t lines = J > 1 ? J * ((next_columns + 15) / 16) : 0;  // one row's stream: the hardware's prefetch
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2)
-      panel_f32<J, 2>(w, in, x + r * in, acc + 8 * J * r, i0, i1, next, r == 0 ? lines : 0);
-    if (r < rows) panel_f32<J, 1>(w, in, x + r * in, acc + 8 * J * r, i0, i1, next, r == 0 ? lines : 0);
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int j = 0; j < J; ++j) {
-      float total = sum8(_mm256_loadu_ps(acc + 8 * (J * r + j)));
-      for (int64_t t = whole; t < in; ++t) total = std::fma(w[j * in + t], x[r * in + t], total);
-      y[r * out + j] = total;
-    }
-}
-
 // y[r, j] = dot(row r of x, row j of W) for every r, j; threads split the output rows j, so each reads its
 // share of W once, the x rows staying in cache.
 template <typename Dot>
@@ -353,34 +285,128 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   return product(x, out, [&](int64_t r, int64_t j) { return dot_bf16(pw + j * in, px + r * in, in); });
 }
 
-// Threads split W's rows in tiles of 4 (each thread reads its share of W from memory once), the last out mod 4
-// rows one at a time. Up to three rows of x go through W a row at a time instead: a single stream of memory
-// per thread read it fastest (one row over a 0.5B model's layer matrices: 2.0 ms a layer against 2.2 with 4
-// rows of W at a time; two rows alike both ways; three rows measured either way round, 0.98-1.06x over the
-// layers and the output head).
-at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
-  constexpr int J = 4;  // 4 x 2 accumulators and 4 + 2 loads per 8 multiply-adds: within AVX2's 16 registers
-  const int64_t out = w.size(0), in = w.size(1);
-  check_input(x_, w, in, "linear_f32");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "linear_f32: x and w must be float32");
+// Float32 weights against float32 rows, for any number of rows: the one kernel fp32 products take (decode and
+// prefill), on weights packed once at load time (compiled.pack_f32) in blocks of 16 output channels laid out
+// input channel by input channel:  packed [out / 16, in, 16],  packed[b, i, c] = W[16 b + c, i].
+// For each input channel i, a block's 16 weights are one 64-byte line, and y[r, 16 b : 16 b + 16] += x[r, i] *
+// those 16: x[r, i] broadcast to all lanes, two 8-lane multiply-adds, no sums across lanes at the end. A thread
+// goes through its blocks one after another, so it reads its share of W as one sequential stream (asking for
+// each line PREFETCH_F32 floats ahead), and each line, once in cache, serves every row of x:
+//   - up to 2 rows: two blocks at a time (4 x rows accumulators of 8 lanes), straight through all of `in`;
+//   - more: one block at a time, the rows in groups of up to 6 (12 accumulators, 2 weight and one broadcast
+//     register: 15 of AVX2's 16) going through the block a panel of KC_F32 input channels at a time, the
+//     panel staying in L1 for the groups after the first (the accumulators wait in y between panels).
+// That is a matrix-multiply micro-kernel, so prompt rows take it too: measured over the 0.5B model's layer
+// matrices (AVX-512 Zen 4 machine, 2 threads) it ran 85 / 98 / 106 G multiply-adds a second at 32 / 64 / 512
+// rows against oneDNN's 74 / 89 / 107 on the plain layout, and decode rows read the weights faster than the
+// previous kernel on the plain [out, in] layout (8 rows over the layers and output head: ~75 against ~90 ms).
+// Above MAX_ROWS_F32 rows the product goes MAX_ROWS_F32 rows at a time (2,048 rows in one go ran 0.8x
+// oneDNN's speed: the rows' panels no longer stay in the caches).
+// Every output is one chain of multiply-adds over i = 0, 1, ..., in - 1 in order, whatever the number of rows,
+// the group, panel or thread: a row's result does not depend on the other rows (exact mode).
+constexpr int64_t F32_BLOCK = 16;       // output channels per block: one line of weights per input channel
+constexpr int64_t KC_F32 = 256;         // input channels per panel: 16 KB of a block, half the L1 cache
+constexpr int64_t MAX_GROUP_F32 = 6;    // rows per group
+constexpr int64_t MAX_ROWS_F32 = 512;   // rows per pass over W
+constexpr int64_t PREFETCH_F32 = 512;   // floats ahead in a block's stream (2 KB)
+
+// y[0:R, 0:16 NBLK] (= or += where `first` is false) x[0:R, k0:k1] times NBLK blocks' weights over k0:k1.
+// w: the first block's [in, 16]; prefetch: whether to ask for lines ahead (the first pass over them).
+template <int NBLK, int R>
+inline void block_rows_f32(const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
+                           int64_t k1, bool first, bool prefetch) {
+  __m256 acc[R][2 * NBLK];
+#pragma GCC unroll 16  // unrolled before register allocation: else GCC keeps acc in memory (stored every step)
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < 2 * NBLK; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * v);
+  for (int64_t k = k0; k < k1; ++k) {
+    __m256 wv[2 * NBLK];
+#pragma GCC unroll 16
+    for (int b = 0; b < NBLK; ++b) {
+      const float* line = w + b * F32_BLOCK * in + k * F32_BLOCK;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(line + PREFETCH_F32), _MM_HINT_T0);
+      wv[2 * b] = _mm256_loadu_ps(line);
+      wv[2 * b + 1] = _mm256_loadu_ps(line + 8);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * in + k);
+#pragma GCC unroll 16
+      for (int v = 0; v < 2 * NBLK; ++v) acc[r][v] = _mm256_fmadd_ps(wv[v], xv, acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < 2 * NBLK; ++v) _mm256_storeu_ps(y + r * ldy + 8 * v, acc[r][v]);
+}
+
+template <int NBLK>
+void group_f32(int64_t rows, const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
+               int64_t k1, bool first, bool prefetch) {
+  switch (rows) {
+    case 1: return block_rows_f32<NBLK, 1>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    case 2: return block_rows_f32<NBLK, 2>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    case 3: return block_rows_f32<1, 3>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    case 4: return block_rows_f32<1, 4>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    case 5: return block_rows_f32<1, 5>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    default: return block_rows_f32<1, 6>(w, in, x, y, ldy, k0, k1, first, prefetch);
+  }
+}
+
+// y[:, 16 b : 16 (b + NBLK)] for every row of x (rows <= MAX_ROWS_F32); y [rows, ldy].
+template <int NBLK>
+void blocks_f32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t ldy) {
+  const int64_t groups = (rows + MAX_GROUP_F32 - 1) / MAX_GROUP_F32;
+  if (groups == 1) return group_f32<NBLK>(rows, w, in, x, y, ldy, 0, in, true, true);
+  for (int64_t k0 = 0; k0 < in; k0 += KC_F32) {
+    const int64_t k1 = std::min(k0 + KC_F32, in);
+    for (int64_t g = 0, r = 0; g < groups; ++g) {
+      const int64_t n = (rows - r) / (groups - g);  // groups as even as they come: 8 rows go 4 + 4
+      group_f32<NBLK>(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0);
+      r += n;
+    }
+  }
+}
+
+// x [rows, in] times W^T, W packed as above: packed [blocks, in, 16] -> [rows, out] (out <= 16 blocks; the
+// last block's lanes past `out` are zero weights, computed into a scratch row and dropped).
+at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& packed, int64_t out) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == F32_BLOCK && packed.is_contiguous(),
+              "linear_f32: the weight must be packed [out / 16, in, 16] (compiled.pack_f32)");
+  const int64_t blocks = packed.size(0), in = packed.size(1);
+  TORCH_CHECK(out > F32_BLOCK * (blocks - 1) && out <= F32_BLOCK * blocks, "linear_f32: out does not match the packing");
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == in, "linear_f32: x must be [rows, ", in, "]");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "linear_f32: x and w must be float32");
   const at::Tensor x = x_.contiguous();
-  const float* px = x.data_ptr<float>();
-  const float* pw = w.data_ptr<float>();
   const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, out}, x.options());
-  float* py = y.data_ptr<float>();
-  at::parallel_for(0, (out + J - 1) / J, GRAIN / J, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(8 * J * rows);  // [rows][J][8 lanes]
-    for (int64_t j = J * begin; j < std::min(J * end, out);) {
-      if (rows >= 4 && j + J <= out) {
-        tile_f32<J>(pw + j * in, in, px, rows, py + j, out, acc.data(), (out - j - J) * in);
-        j += J;
-      } else {
-        tile_f32<1>(pw + j * in, in, px, rows, py + j, out, acc.data(), 0);
-        j += 1;
+  const float* pw = packed.data_ptr<float>();
+  const int64_t whole = out / F32_BLOCK;  // blocks written straight into y
+  for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS_F32) {
+    const int64_t n = std::min(MAX_ROWS_F32, rows - r0);
+    const float* px = x.data_ptr<float>() + r0 * in;
+    float* py = y.data_ptr<float>() + r0 * out;
+    const int64_t step = n <= 2 ? 2 : 1;  // blocks per work item
+    at::parallel_for(0, (blocks + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = step * begin; b < std::min(step * end, blocks); b += step) {
+        const float* w = pw + b * F32_BLOCK * in;
+        if (b + step <= whole) {
+          if (step == 2) blocks_f32<2>(w, in, px, n, py + b * F32_BLOCK, out);
+          else blocks_f32<1>(w, in, px, n, py + b * F32_BLOCK, out);
+          continue;
+        }
+        for (int64_t c = b; c < std::min(b + step, blocks); ++c) {  // a block past `out`'s last whole one
+          std::vector<float> scratch(n * F32_BLOCK);
+          blocks_f32<1>(pw + c * F32_BLOCK * in, in, px, n, scratch.data(), F32_BLOCK);
+          const int64_t width = std::min(F32_BLOCK, out - c * F32_BLOCK);
+          for (int64_t r = 0; r < n; ++r)
+            std::copy_n(scratch.data() + r * F32_BLOCK, width, py + r * out + c * F32_BLOCK);
+        }
       }
-    }
-  });
+    });
+  }
   return y;
 }
 
@@ -567,7 +593,7 @@ TORCH_LIBRARY(minillm, m) {
   m.def("linear_q8_0(Tensor x, Tensor q, Tensor d) -> Tensor");
   m.def("linear_q4_1(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
-  m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor packed, int out) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor starts) -> Tensor");
 }
 

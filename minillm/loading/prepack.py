@@ -13,23 +13,20 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     reordered: mkldnn._reorder_linear_weight packs, mkldnn._linear_pointwise multiplies (torch.compile's
     CPU weight prepacking uses the same pair).
   - float32: the other way round. MKL's gemv behind F.linear reads 20-27 GB/s on the plain layout, oneDNN's
-    packed one 17-25 (decode 10-15% slower in three separate runs; prefill the same). So float32 weights
-    are only stacked (not reordered), and multiplied by F.linear where the compiled kernels are not
-    available. Except in exact mode (exact.py), which needs a row's
-    result to depend only on that row and the shapes: MKL's float32 products broke that (the exact-mode
-    property test found a lone tile and a batched one differing in the last bits; MKL makes no such promise
-    unless its reproducibility mode is set), oneDNN's keep it, so exact mode packs float32 for oneDNN too.
-    Once minillm had its own compiled kernels, MKL ran below both: on an AVX2-only CPU (AMD Zen 3) its one-row
-    product read 11-12 GB/s of an 18-21 GB/s machine, and oneDNN took 0.5-0.6x its time for 32-512 rows of
-    the 9,728 x 896 matrix (the same time at 512 rows of the 896 x 4,864 one); on an AVX-512 one (2026-12-07)
-    MKL took 2.2 ms for one row of that matrix, oneDNN 0.78 and the compiled kernel 0.56. The kernel now takes
-    several rows in tiles that read W once for all of them (matmul.cpp): over a 0.5B model's 24 layers' matrices
-    streamed from memory (2026-12-07, AVX-512 machine, bench/kernels_rows_fp32.json) it took 44.6 ms for one
-    row, 61.2 for 8, 85.8 for 16, 145.5 for 24 and 158.5 for 28, where oneDNN took 54.2, 86.8, 111.4, 148.3
-    and 170.9, and 175.9 against 181.6 at 32 (two more runs at 28 and 32 rows: 160.7 / 159.7, 156.9 / 158.0,
-    170.1 / 164.5, 182.6 / 186.1: even). So wherever the kernels run the float32
-    matrix keeps its plain layout, products of fewer than KERNEL_ROWS rows take the compiled kernel
-    (kernels/compiled.py), more rows (prefill) oneDNN's kernel on that layout.
+    packed one 17-25 (decode 10-15% slower in three separate runs; prefill the same). And both fall short of
+    minillm's own compiled kernel (kernels/matmul.cpp): on an AVX2-only CPU (AMD Zen 3) MKL's one-row product
+    read 11-12 GB/s of an 18-21 GB/s machine and fp32 decode ran 3.9 against 5.8 tok/s; on an AVX-512 one
+    (2026-12-07) one row of the 9,728 x 896 matrix took 2.2 ms through MKL, 0.78 through oneDNN, 0.56 through
+    the kernel. So wherever the kernels run, float32 weights are packed for it (compiled.pack_f32: blocks of
+    16 output channels, input channel by input channel) and every float32 product takes it, a decode row or
+    a 512-token prompt chunk: on that layout it is a matrix-multiply micro-kernel, and over a 0.5B model's
+    layer matrices (2026-12-08, AVX-512 machine, tools/bench_kernels.py) it ran as fast as oneDNN's for
+    prompt rows and faster for decode rows (numbers in README). Where the kernels do not run, float32 weights
+    are only stacked and multiplied by F.linear. Exact mode (exact.py) needs a row's result to depend only on
+    that row and the shapes: the kernel keeps that (each output one chain of multiply-adds in input order);
+    MKL's products broke it (the exact-mode property test found a lone tile and a batched one differing in the
+    last bits; MKL makes no such promise unless its reproducibility mode is set), oneDNN's keep it, so exact
+    mode without the kernels packs float32 for oneDNN.
 
 A packed weight is a copy (stacked, reordered or converted). The loader hands each original to `release`
 once it is replaced, so resident memory stays about one copy of the weights.
@@ -50,8 +47,6 @@ from torch import nn
 from ..kernels import compiled
 from ..model.model import CausalLM
 
-KERNEL_ROWS = 32  # float32 products of fewer rows take the compiled kernel where it is faster (PackedLinear)
-
 
 def available(dtype: torch.dtype, device: str) -> bool:
     """Packing helps on CPU, in float32 and (where the CPU has bf16 instructions) bfloat16."""
@@ -68,40 +63,38 @@ class PackedLinear(nn.Module):
 
     def __init__(self, *linears: nn.Linear, dtype: torch.dtype, onednn: bool, scratch: torch.Tensor | None = None):
         """dtype: the compute dtype (weights are converted as they are packed). onednn: reorder for oneDNN
-        (else keep the stacked matrix for F.linear). scratch: reusable memory for stacking the parts of a
-        matrix that is then reordered (packing many layers then frees nothing that it allocated, which would
-        leave the heap fragmented)."""
+        (else float32 is packed for the compiled kernel where it runs, F.linear's stacked matrix elsewhere).
+        scratch: reusable memory for stacking the parts of a matrix that is then reordered or packed (packing
+        many layers then frees nothing that it allocated, which would leave the heap fragmented)."""
         super().__init__()
         parts = [linear.weight.detach() for linear in linears]
         self.onednn = onednn
+        self.kernel = not onednn and dtype == torch.float32 and compiled.available()
+        repacked = self.onednn or self.kernel  # the stacked matrix is a step to another copy
+        self.out_features, self.in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
         if len(parts) > 1:
-            shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-            out = scratch[: shape[0] * shape[1]].view(shape) if self.onednn and scratch is not None else None
+            shape = (self.out_features, self.in_features)
+            out = scratch[: shape[0] * shape[1]].view(shape) if repacked and scratch is not None else None
             weight = torch.cat([p.to(dtype) for p in parts], out=out)  # [sum of outs, in]
         else:
             # [out, in]; kept for F.linear it must be a copy, so that the original can be released (a reorder
-            # below copies anyway: a copy here too would hold the largest matrix three times at the peak)
-            weight = parts[0].to(dtype, copy=not self.onednn)
+            # or packing below copies anyway: a copy here too would hold the largest matrix three times)
+            weight = parts[0].to(dtype, copy=not repacked)
         if self.onednn:
             # Packed for one-row inputs (decode, where bandwidth matters most); it serves any number of rows.
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque [out, in]
+        elif self.kernel:
+            weight = compiled.pack_f32(weight)  # [out / 16, in, 16]
         self.weight = weight
         biases = [linear.bias for linear in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach().to(dtype) for b in biases])
-        self.out_features, self.in_features = self.weight.shape
-        # float32: MKL is the slowest of the three (above), so the compiled kernel for few rows, oneDNN for many.
-        self.kernel = not self.onednn and dtype == torch.float32 and compiled.f32_beats_blas()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        if self.kernel:  # the plain layout, read by the compiled kernel (few rows) or oneDNN (many)
-            rows = x.reshape(-1, self.in_features)
-            if rows.shape[0] < KERNEL_ROWS:
-                y = compiled.linear_f32(rows, self.weight)
-                y = y if self.bias is None else y + self.bias
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        if self.kernel:
+            y = compiled.linear_f32(x.reshape(-1, self.in_features), self.weight, self.out_features)
+            y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -139,11 +132,13 @@ def replace_linears(
 
 def prepack_linears(model: CausalLM, dtype: torch.dtype, release: Callable[[torch.Tensor], None], exact: bool) -> None:
     """Replace the model's nn.Linear modules by PackedLinear ones (replace_linears), reordered for oneDNN in
-    bfloat16 and, for exact mode, in float32 too (above); parts to reorder are stacked in one scratch buffer."""
-    onednn = dtype == torch.bfloat16 or exact
+    bfloat16 and, for exact mode where the compiled kernels do not run, in float32 too; float32 otherwise
+    packed for the kernel where it runs (above). Parts to repack are stacked in one scratch buffer."""
+    onednn = dtype == torch.bfloat16 or (exact and not compiled.available())
     c = model.rank_config  # this rank's shapes (the whole model's on one rank)
     stacked_rows = max((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 2 * c.intermediate_size)
-    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype) if onednn else None
+    repacked = onednn or (dtype == torch.float32 and compiled.available())
+    scratch = torch.empty(stacked_rows * c.hidden_size, dtype=dtype) if repacked else None
     replace_linears(
         model, lambda *linears: PackedLinear(*linears, dtype=dtype, onednn=onednn, scratch=scratch), release
     )
