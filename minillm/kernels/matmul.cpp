@@ -295,7 +295,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 //   - up to 2 rows: two blocks at a time (4 x rows accumulators of 8 lanes), straight through all of `in`;
 //   - more: one block at a time, the rows in groups of up to 6 (12 accumulators, 2 weight and one broadcast
 //     register: 15 of AVX2's 16) going through the block a panel of KC_F32 input channels at a time, the
-//     panel staying in L1 for the groups after the first (the accumulators wait in y between panels).
+//     panel staying in cache for the groups after the first (the accumulators wait in y between panels).
 // That is a matrix-multiply micro-kernel, so prompt rows take it too: measured over the 0.5B model's layer
 // matrices (AVX-512 Zen 4 machine, 2 threads) it ran 85 / 98 / 106 G multiply-adds a second at 32 / 64 / 512
 // rows against oneDNN's 74 / 89 / 107 on the plain layout, and decode rows read the weights faster than the
@@ -305,7 +305,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 // Every output is one chain of multiply-adds over i = 0, 1, ..., in - 1 in order, whatever the number of rows,
 // the group, panel or thread: a row's result does not depend on the other rows (exact mode).
 constexpr int64_t F32_BLOCK = 16;       // output channels per block: one line of weights per input channel
-constexpr int64_t KC_F32 = 256;         // input channels per panel: 16 KB of a block, half the L1 cache
+constexpr int64_t KC_F32 = 1024;        // input channels per panel: 64 KB of a block (panels of 256 ran 1.1x
+                                        // the time at 8-24 rows, of 128 1.1x at 512)
 constexpr int64_t MAX_GROUP_F32 = 6;    // rows per group
 constexpr int64_t MAX_ROWS_F32 = 512;   // rows per pass over W
 constexpr int64_t PREFETCH_F32 = 512;   // floats ahead in a block's stream (2 KB)
