@@ -312,10 +312,11 @@ constexpr int64_t MAX_ROWS_F32 = 512;   // rows per pass over W
 constexpr int64_t PREFETCH_F32 = 512;   // floats ahead in a block's stream (2 KB)
 
 // y[0:R, 0:16 NBLK] (= or += where `first` is false) x[0:R, k0:k1] times NBLK blocks' weights over k0:k1.
-// w: the first block's [in, 16]; prefetch: whether to ask for lines ahead (the first pass over them).
+// w: the first block's [in, 16]; prefetch: whether to ask for lines ahead (the first pass over them);
+// next_panel: where not 0, how many floats on each line's counterpart in the next panel lies, asked for too.
 template <int NBLK, int R>
 inline void block_rows_f32(const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
-                           int64_t k1, bool first, bool prefetch) {
+                           int64_t k1, bool first, bool prefetch, int64_t next_panel) {
   __m256 acc[R][2 * NBLK];
 #pragma GCC unroll 16  // unrolled before register allocation: else GCC keeps acc in memory (stored every step)
   for (int r = 0; r < R; ++r)
@@ -327,6 +328,7 @@ inline void block_rows_f32(const float* w, int64_t in, const float* x, float* y,
     for (int b = 0; b < NBLK; ++b) {
       const float* line = w + b * F32_BLOCK * in + k * F32_BLOCK;
       if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(line + PREFETCH_F32), _MM_HINT_T0);
+      if (next_panel) _mm_prefetch(reinterpret_cast<const char*>(line + next_panel), _MM_HINT_T1);
       wv[2 * b] = _mm256_loadu_ps(line);
       wv[2 * b + 1] = _mm256_loadu_ps(line + 8);
     }
@@ -345,27 +347,33 @@ inline void block_rows_f32(const float* w, int64_t in, const float* x, float* y,
 
 template <int NBLK>
 void group_f32(int64_t rows, const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
-               int64_t k1, bool first, bool prefetch) {
+               int64_t k1, bool first, bool prefetch, int64_t next_panel = 0) {
   switch (rows) {
-    case 1: return block_rows_f32<NBLK, 1>(w, in, x, y, ldy, k0, k1, first, prefetch);
-    case 2: return block_rows_f32<NBLK, 2>(w, in, x, y, ldy, k0, k1, first, prefetch);
-    case 3: return block_rows_f32<1, 3>(w, in, x, y, ldy, k0, k1, first, prefetch);
-    case 4: return block_rows_f32<1, 4>(w, in, x, y, ldy, k0, k1, first, prefetch);
-    case 5: return block_rows_f32<1, 5>(w, in, x, y, ldy, k0, k1, first, prefetch);
-    default: return block_rows_f32<1, 6>(w, in, x, y, ldy, k0, k1, first, prefetch);
+    case 1: return block_rows_f32<NBLK, 1>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
+    case 2: return block_rows_f32<NBLK, 2>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
+    case 3: return block_rows_f32<1, 3>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
+    case 4: return block_rows_f32<1, 4>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
+    case 5: return block_rows_f32<1, 5>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
+    default: return block_rows_f32<1, 6>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
   }
 }
 
-// y[:, 16 b : 16 (b + NBLK)] for every row of x (rows <= MAX_ROWS_F32); y [rows, ldy].
+// y[:, 16 b : 16 (b + NBLK)] for every row of x (rows <= MAX_ROWS_F32); y [rows, ldy]. With several groups,
+// the first group's pass reads the panel from memory and the others' from cache, with nothing fetched meanwhile:
+// so from 12 rows on the last group asks for the next panel (the next block's first after a block's last) into
+// L2. Over the layers and output head that took 0.87-0.93x the time at 12 to 24 rows (A/B, 7-9 interleaved
+// rounds), but 1.09x at 8 rows (two short passes of 4 rows, mostly waiting on memory), where it is not done.
 template <int NBLK>
 void blocks_f32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t ldy) {
   const int64_t groups = (rows + MAX_GROUP_F32 - 1) / MAX_GROUP_F32;
   if (groups == 1) return group_f32<NBLK>(rows, w, in, x, y, ldy, 0, in, true, true);
   for (int64_t k0 = 0; k0 < in; k0 += KC_F32) {
     const int64_t k1 = std::min(k0 + KC_F32, in);
+    const int64_t next_panel = F32_BLOCK * (k1 < in ? k1 - k0 : in - k0);  // floats from a line to its counterpart
     for (int64_t g = 0, r = 0; g < groups; ++g) {
       const int64_t n = (rows - r) / (groups - g);  // groups as even as they come: 8 rows go 4 + 4
-      group_f32<NBLK>(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0);
+      group_f32<NBLK>(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0,
+                      rows >= 12 && g == groups - 1 ? next_panel : 0);
       r += n;
     }
   }
