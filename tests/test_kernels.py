@@ -36,7 +36,7 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@pytest.mark.parametrize("in_features", [37, 300, 896])  # 300: panels of 256 and a short one
+@pytest.mark.parametrize("in_features", [37, 300, 896, 1100])  # 1100: a panel of 1,024 and a short one
 def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features):
     """linear_f32 takes two blocks of 16 output channels at a time for up to 2 rows, one block for more, the
     rows in groups of up to 6 that go through a block in panels once there are several groups, and above 512

@@ -297,9 +297,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 //     register: 15 of AVX2's 16) going through the block a panel of KC_F32 input channels at a time, the
 //     panel staying in cache for the groups after the first (the accumulators wait in y between panels).
 // That is a matrix-multiply micro-kernel, so prompt rows take it too: measured over the 0.5B model's layer
-// matrices (AVX-512 Zen 4 machine, 2 threads) it ran 85 / 98 / 106 G multiply-adds a second at 32 / 64 / 512
-// rows against oneDNN's 74 / 89 / 107 on the plain layout, and decode rows read the weights faster than the
-// previous kernel on the plain [out, in] layout (8 rows over the layers and output head: ~75 against ~90 ms).
+// matrices (AVX-512 Zen 4 machine, 2 threads; bench/kernels_rows_fp32.json) it ran 91 / 99 / 106 G
+// multiply-adds a second at 32 / 64 / 512 rows against oneDNN's 61 / 84 / 105 on the plain layout, and decode
+// rows took 0.78-0.97x the time of the previous kernel on the plain [out, in] layout at 1 to 24 rows (A/B).
 // Above MAX_ROWS_F32 rows the product goes MAX_ROWS_F32 rows at a time (2,048 rows in one go ran 0.8x
 // oneDNN's speed: the rows' panels no longer stay in the caches).
 // Every output is one chain of multiply-adds over i = 0, 1, ..., in - 1 in order, whatever the number of rows,
@@ -406,8 +406,12 @@ at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& packed, int64_t ou
           else blocks_f32<1>(w, in, px, n, py + b * F32_BLOCK, out);
           continue;
         }
-        for (int64_t c = b; c < std::min(b + step, blocks); ++c) {  // a block past `out`'s last whole one
-          std::vector<float> scratch(n * F32_BLOCK);
+        for (int64_t c = b; c < std::min(b + step, blocks); ++c) {  // the work item holding the last block
+          if (c < whole) {
+            blocks_f32<1>(pw + c * F32_BLOCK * in, in, px, n, py + c * F32_BLOCK, out);
+            continue;
+          }
+          std::vector<float> scratch(n * F32_BLOCK);  // [n, 16]: the last block, partly past `out`
           blocks_f32<1>(pw + c * F32_BLOCK * in, in, px, n, scratch.data(), F32_BLOCK);
           const int64_t width = std::min(F32_BLOCK, out - c * F32_BLOCK);
           for (int64_t r = 0; r < n; ++r)

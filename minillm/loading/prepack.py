@@ -20,7 +20,7 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     the kernel. So wherever the kernels run, float32 weights are packed for it (compiled.pack_f32: blocks of
     16 output channels, input channel by input channel) and every float32 product takes it, a decode row or
     a 512-token prompt chunk: on that layout it is a matrix-multiply micro-kernel, and over a 0.5B model's
-    layer matrices (2026-12-08, AVX-512 machine, tools/bench_kernels.py) it ran as fast as oneDNN's for
+    layer matrices (2026-12-07, AVX-512 machine, tools/bench_kernels.py) it ran as fast as oneDNN's for
     prompt rows and faster for decode rows (numbers in README). Where the kernels do not run, float32 weights
     are only stacked and multiplied by F.linear. Exact mode (exact.py) needs a row's result to depend only on
     that row and the shapes: the kernel keeps that (each output one chain of multiply-adds in input order);
