@@ -66,17 +66,20 @@ def test_int4_kernel_covers_blocks_in_pairs_and_the_rest_alone(in_features, grou
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (4, 4, 32), (8, 2, 128), (6, 3, 8)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (4, 4, 32), (8, 2, 128), (6, 3, 8), (4, 2, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_attention_in_the_pool_equals_gathered_attention(heads, kv_heads, head_dim, dtype):
-    """Sequences of 1 to 1,100 keys in scattered slots: the same attention as gathering them and running the
-    model's own attend (softmax in float32 both ways; bf16 KV widened exactly, the result rounded once)."""
+    """Sequences of 1 to 1,100 keys in scattered slots, the last two sharing a prefix of 300 (the kernel takes
+    rows in order of their first slot, not in row order): the same attention as gathering them and running the
+    model's own attend (softmax in float32 both ways; bf16 KV widened exactly, the result rounded once).
+    head_dim 96: the values go 64 dimensions at a time, then the rest 8 at a time."""
     from minillm.model.model import attend
 
     torch.manual_seed(5)
     keys, values = torch.randn(kv_heads, 3000, head_dim).to(dtype), torch.randn(kv_heads, 3000, head_dim).to(dtype)
-    lengths = [1, 7, 9, 300, 1100]
+    lengths = [1, 7, 9, 300, 1100, 310]
     slots = [torch.randperm(3000)[:n] for n in lengths]
+    slots[5] = torch.cat([slots[3], slots[5][:10]])  # row 5: row 3's slots and 10 of its own
     q = torch.randn(heads, len(lengths), head_dim).to(dtype)
     starts = torch.tensor([0] + lengths).cumsum(0)
     got = compiled.decode_attention(q, keys, values, torch.cat(slots), starts)

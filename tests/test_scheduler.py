@@ -6,7 +6,7 @@ import torch
 
 from minillm.cache.kv_pool import KVPool
 from minillm.engine.kv_manager import KVManager
-from minillm.engine.scheduler import MAX_PASSED_OVER, Scheduler
+from minillm.engine.scheduler import MAX_PASSED_OVER, OLDEST_SHARE, Scheduler
 
 
 def make_scheduler(llm, slots=200, max_prefill_tokens=10, align=1, policy="fcfs"):
@@ -25,15 +25,24 @@ def requests(llm, *lengths, start=2):
     ]
 
 
-def test_the_prefill_budget_is_shared_in_admission_order(load):
+def test_the_prefill_budget_goes_to_the_shortest_rest_first_and_the_oldest_keeps_a_share(load):
     llm = load("llama")
     s = make_scheduler(llm)
     a, b, c = requests(llm, 9, 5, 3)
     for r in (a, b, c):
         s.add(r)
-    # 9 of 10 tokens to a, the last one to b, nothing left for c
-    assert plan(s) == [(a.id, 0, 9, True), (b.id, 0, 1, False)]
+    # c (3 left) and b (5) first; a, admitted first, keeps 10 // OLDEST_SHARE = 2 of the 10 tokens
+    assert plan(s) == [(c.id, 0, 3, True), (b.id, 0, 5, True), (a.id, 0, 2, False)]
     s.check_invariants()
+
+
+def test_equal_rests_go_in_admission_order_and_the_budget_runs_out(load):
+    llm = load("llama")
+    s = make_scheduler(llm, max_prefill_tokens=10)
+    a, b, c = requests(llm, 6, 6, 6)
+    for r in (a, b, c):
+        s.add(r)
+    assert plan(s) == [(a.id, 0, 6, True), (b.id, 0, 4, False)]
 
 
 def test_a_prompt_longer_than_the_budget_continues_next_step(load):
@@ -42,9 +51,34 @@ def test_a_prompt_longer_than_the_budget_continues_next_step(load):
     a, b = requests(llm, 12, 5)
     s.add(a)
     s.add(b)
-    assert plan(s) == [(a.id, 0, 10, False)]
-    a.num_computed = 10  # what the engine does after the forward
-    assert plan(s) == [(a.id, 10, 2, True), (b.id, 0, 5, True)]
+    assert plan(s) == [(b.id, 0, 5, True), (a.id, 0, 5, False)]
+    a.num_computed = 5  # what the engine does after the forward (b's prompt is done; it stops)
+    s.release(b)
+    b.finish("stop")
+    assert plan(s) == [(a.id, 5, 7, True)]
+
+
+def test_a_long_prompt_is_not_starved_by_short_ones_arriving_every_step(load):
+    """Shortest rest first would let a stream of short prompts hold a long one back for ever; the oldest
+    prompt's share (max_prefill_tokens // OLDEST_SHARE) makes it progress on every step."""
+    llm = load("llama")
+    s = make_scheduler(llm, slots=400, max_prefill_tokens=8)
+    (long,) = requests(llm, 30)
+    s.add(long)
+    steps = 0
+    while long.in_prefill:
+        for i in range(3):  # fresh prompts: 3 distinct tokens each, none a prefix of another
+            s.add(llm.request([100 + 9 * steps + 3 * i + j for j in range(3)], max_new_tokens=4))
+        rest = 30 - long.num_computed
+        works = s.plan()
+        assert [w.length for w in works if w.request is long] == [min(rest, 8 // OLDEST_SHARE)]
+        for w in works:  # what the engine does after the forward: the short ones finish at once
+            w.request.num_computed += w.length
+            if w.request is not long:
+                s.release(w.request)
+                w.request.finish("stop")
+        steps += 1
+    assert steps == 30 // (8 // OLDEST_SHARE)
 
 
 @pytest.mark.parametrize("align, budget, chunks", [(2, 9, [8, 8, 6, 1]), (4, 10, [8, 8, 4, 3]), (8, 3, [8, 8, 7])])

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slot-context", type=int, default=4096, help="llama-server context per slot")
     parser.add_argument("--kv-mb", type=float, default=1024, help="minillm's KV pool")
-    parser.add_argument("--max-batch", type=int, default=16, help="minillm's batch cap (one-at-a-time sets 1)")
+    parser.add_argument("--max-batch", type=int, default=32, help="minillm's batch cap (one-at-a-time sets 1)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/bench_serving_servers.log"))

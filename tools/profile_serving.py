@@ -19,6 +19,7 @@ import argparse
 import collections
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -113,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         engine, waiting, running, steps, decode_only_steps = llm.engine, list(prompts), [], 0, 0
+        handles = []
         start = time.perf_counter()
         while waiting or running:
             while waiting and len(running) < args.concurrency:
-                running.append(llm.submit(waiting.pop(), max_new_tokens=args.output_len, temperature=0))
+                handles.append(llm.submit(waiting.pop(), max_new_tokens=args.output_len, temperature=0))
+                running.append(handles[-1])
             prompt_rows.clear()
             step_start = time.perf_counter()
             engine.step()
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
+    requests = [h.request for h in handles]
+    ttfts = sorted(r.token_times[0] - r.submit_time for r in requests)
+    tpots = sorted((r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in requests)
     report = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "cpu": machine_kind()},
         "model": args.model,
@@ -145,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps_of_decode_rows_only": decode_only_steps,
         "output_tok_s": round(len(prompts) * args.output_len / total, 1),
         "prefix_cache_hit_rate": round(llm.stats().prefix_cache_hit_rate, 4),
+        "ttft_s": {"median": round(statistics.median(ttfts), 3), "p90": round(ttfts[int(0.9 * (len(ttfts) - 1))], 3)},
+        "tpot_ms_median": round(1000 * statistics.median(tpots), 1),
         "seconds": {
             "step": round(seconds["step"], 1),
             "forward": round(seconds["forward"], 1),

@@ -15,7 +15,9 @@ scheduler finishes it (finish_step). Planning, in order:
                      MAX_PASSED_OVER times goes first whatever the policy, so none starves. A request whose
                      prompt shares enough with a prompt still being prefilled waits for it (SHARE_WAIT_TOKENS).
     3. prefill       requests still in their prompt get chunks, at most max_prefill_tokens in all per step, so
-                     a long prompt does not stall everyone's decode.
+                     a long prompt does not stall everyone's decode. Shortest rest of prompt first: a question
+                     behind a cached prefix gets its first token in this step, not after a long prompt's
+                     chunks; the request admitted first keeps 1 / OLDEST_SHARE of the budget, so none starves.
     4. decode        one row for every running request past its prompt.
 
 The plan is a list of plan.Work items (request, positions, whether to sample).
@@ -38,6 +40,9 @@ POLICIES = ("lpm", "fcfs")
 SHARE_WAIT_TOKENS = 32
 # A waiting request that later arrivals went ahead of this many times is admitted next, whatever the policy.
 MAX_PASSED_OVER = 16
+# The prompt admitted first gets at least 1 / OLDEST_SHARE of each step's prompt budget, however many shorter
+# prompts go ahead of it.
+OLDEST_SHARE = 4
 
 
 class Admission(enum.Enum):
@@ -70,15 +75,22 @@ class Scheduler:
         self._reserve_decode_slots()
         self._admit()
         work, budget, align = [], self.max_prefill_tokens, self.kv.align
-        for r in self.running:
-            if r.in_prefill and budget > 0:  # max_prefill_tokens >= 1: the first prompt always progresses
-                start = r.num_computed
-                end = len(r.prompt)
-                if self.chunk_prefill:  # at most the budget, in whole aligned chunks (the prompt's last may be short)
-                    end = min(end, start + budget)
-                    end = min(len(r.prompt), max(end // align * align, start + align))
-                work.append(Work(r, start, end - start, sample=end == r.num_tokens))
-                budget -= end - start
+        prefilling = [r for r in self.running if r.in_prefill]
+        oldest = prefilling[0] if prefilling else None
+        kept = min(_rest(oldest), self.max_prefill_tokens // OLDEST_SHARE) if oldest else 0  # oldest's share
+        for r in sorted(prefilling, key=_rest):  # stable: equal rests in admission order
+            allowance = budget if r is oldest else budget - kept
+            if allowance <= 0:
+                continue
+            start = r.num_computed
+            end = len(r.prompt)
+            if self.chunk_prefill:  # at most the allowance, in whole aligned chunks (the prompt's last may be short)
+                end = min(end, start + allowance)
+                end = min(len(r.prompt), max(end // align * align, start + align))
+            work.append(Work(r, start, end - start, sample=end == r.num_tokens))
+            budget -= end - start
+            if r is oldest:
+                kept = 0
         for r in self.running:
             if not r.in_prefill:  # every position not yet computed: the last token, and any forced after it
                 work.append(Work(r, r.num_computed, r.num_tokens - r.num_computed, sample=True))
@@ -179,3 +191,8 @@ class Scheduler:
     def check_invariants(self) -> None:
         """The KV manager's ownership invariant over this batch and queue (kv_manager.py)."""
         self.kv.check(self.running, self.waiting)
+
+
+def _rest(r: Request) -> int:
+    """Prompt tokens r still has to compute."""
+    return len(r.prompt) - r.num_computed
