@@ -55,6 +55,7 @@ def load_llm(args):
         tp=args.tp,
         kv_mb=args.kv_mb,
         max_batch=args.max_batch,
+        max_prefill_tokens=args.max_prefill_tokens,
         schedule_policy=args.schedule,
         prefix_cache=not args.no_prefix_cache,
         cache_dir=args.cache_dir,

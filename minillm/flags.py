@@ -35,6 +35,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="requests decoded together in one step (default %(default)s)",
     )
     parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=engine.max_prefill_tokens,
+        help="prompt tokens per step; longer prompts go over several steps (default %(default)s)",
+    )
+    parser.add_argument(
         "--schedule",
         choices=options.POLICIES,
         default=engine.schedule_policy,

@@ -147,6 +147,7 @@ def test_prompts_run_concurrently_with_the_same_output_in_any_batch_and_order(ch
         ["--max-batch", "1"],
         ["--max-batch", "16"],
         ["--max-batch", "2", "--schedule", "fcfs"],
+        ["--max-prefill-tokens", "3"],  # every prompt over several steps
         ["--kv-mb", "0.05"],
     ):  # a pool of about 100 tokens: eviction and preemption
         capsys.readouterr()

@@ -133,11 +133,7 @@ def start(name: str, args, log) -> tuple[subprocess.Popen, int]:
             str(args.model),
             "--port",
             str(port),
-            "--kv-mb",
-            str(args.kv_mb),
-            "--max-batch",
-            str(args.max_batch),
-            *MINILLM[name],
+            *minillm_flags(args, name),
         ]
     log.write(f"\n== {' '.join(command)}\n")
     log.flush()
@@ -280,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slot-context", type=int, default=4096, help="llama-server context per slot")
     parser.add_argument("--kv-mb", type=float, default=1024, help="minillm's KV pool")
     parser.add_argument("--max-batch", type=int, default=32, help="minillm's batch cap (one-at-a-time sets 1)")
+    parser.add_argument("--max-prefill-tokens", type=int, help="minillm's prompt tokens per step (default: its own)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/bench_serving_servers.log"))
@@ -335,11 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "gguf": str(args.gguf) if args.gguf else None,
         "versions": versions(args),
         "llama_server_flags": llama_server_command(args, 0)[3:] if "llama-server" in servers else None,
-        "minillm_flags": {
-            s: ["--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *MINILLM[s]]
-            for s in servers
-            if s in MINILLM
-        },
+        "minillm_flags": {s: minillm_flags(args, s) for s in servers if s in MINILLM},
         "concurrency": args.levels,
         "output_len": args.output_len,
         "ratios": ratios(runs, "llama-server" if "llama-server" in servers else servers[0]),
@@ -351,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(runs, args.plot, f"{args.model.name}: {', '.join(servers)}", args.cdf_at)
     return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+def minillm_flags(args, name: str) -> list[str]:
+    """The settings a minillm server variant is started with."""
+    prefill = ["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens else []
+    return ["--kv-mb", str(args.kv_mb), "--max-batch", str(args.max_batch), *prefill, *MINILLM[name]]
 
 
 def measure(name: str, port: int, args, tokenizer, workload: str, endpoint: str, sizes: dict, seed: int) -> list[dict]:
