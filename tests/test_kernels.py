@@ -36,22 +36,45 @@ def test_float_kernels_equal_a_float32_product(in_features, rows):
         assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+def needs_width(width: int) -> None:
+    if width == 512 and "avx512f" not in compiled.cpu_flags():
+        pytest.skip("this CPU has no AVX-512: only linear_f32's AVX2 variant runs here")
+
+
+@pytest.mark.parametrize("width", [256, 512])
 @pytest.mark.parametrize("in_features", [37, 300, 896, 1100])  # 1100: a panel of 1,024 and a short one
-def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features):
-    """linear_f32 takes two blocks of 16 output channels at a time for up to 2 rows, one block for more, the
-    rows in groups of up to 6 that go through a block in panels once there are several groups, and above 512
-    rows 512 at a time; 203 outputs end in a block of 11. Every output must still be one chain of
-    multiply-adds in input order, so a row of x gets the same bits alone or in any batch, in any group."""
+def test_float32_kernel_gives_each_row_the_same_bits_in_any_batch(in_features, width):
+    """linear_f32 takes two blocks of 16 output channels at a time for up to 2 rows (AVX-512: for any number),
+    one block for more, the rows in groups of up to 6 (AVX-512: 12) that go through a block in panels once
+    there are several groups, and above 512 rows 512 at a time; 203 outputs end in a block of 11. Every output
+    must still be one chain of multiply-adds in input order, so a row of x gets the same bits alone or in any
+    batch, in any group."""
+    needs_width(width)
     torch.manual_seed(3)
-    w, x = torch.randn(203, in_features), torch.randn(9, in_features)
+    w, x = torch.randn(203, in_features), torch.randn(30, in_features)
     packed = compiled.pack_f32(w)
     assert packed.shape == (13, in_features, 16) and torch.equal(packed[12, :, 11:], torch.zeros(in_features, 5))
-    alone = torch.cat([compiled.linear_f32(x[i : i + 1], packed, 203) for i in range(len(x))])
+    alone = torch.cat([compiled.linear_f32(x[i : i + 1], packed, 203, width) for i in range(len(x))])
     assert (alone - x @ w.T).abs().max() <= 1e-5 * (x @ w.T).abs().max()
-    for first, count in [(0, 2), (0, 3), (0, 4), (1, 5), (0, 6), (2, 7), (0, 9)]:
-        assert torch.equal(compiled.linear_f32(x[first : first + count], packed, 203), alone[first : first + count])
-    many = torch.cat([torch.randn(520, in_features), x])  # a pass of 512 rows, then 17 with x's last 9
-    assert torch.equal(compiled.linear_f32(many, packed, 203)[-9:], alone)
+    for first, count in [(0, 2), (0, 3), (0, 4), (1, 5), (0, 6), (2, 7), (0, 9), (0, 12), (1, 13), (0, 25), (0, 30)]:
+        got = compiled.linear_f32(x[first : first + count], packed, 203, width)
+        assert torch.equal(got, alone[first : first + count])
+    many = torch.cat([torch.randn(520, in_features), x])  # a pass of 512 rows, then 38 with x's 30
+    assert torch.equal(compiled.linear_f32(many, packed, 203, width)[-30:], alone)
+
+
+@pytest.mark.parametrize("out", [203, 213])  # the last work item of 2 blocks: a part-block alone, or after a whole
+def test_float32_kernel_gives_the_same_bits_with_avx2_and_avx512(out):
+    """The AVX-512 variant (16-lane registers, groups of 12 rows) runs each output's chain of multiply-adds in the
+    same order as the AVX2 one, so which one a CPU takes by default changes no result."""
+    needs_width(512)
+    torch.manual_seed(4)
+    w = torch.randn(out, 1100)
+    packed = compiled.pack_f32(w)
+    for rows in (1, 2, 3, 8, 12, 13, 25, 600):
+        x = torch.randn(rows, 1100)
+        assert torch.equal(compiled.linear_f32(x, packed, out, 256), compiled.linear_f32(x, packed, out, 512))
+        assert torch.equal(compiled.linear_f32(x, packed, out), compiled.linear_f32(x, packed, out, 256))
 
 
 @pytest.mark.parametrize("in_features,group", [(416, 32), (896, 32), (896, 128), (448, 64)])
@@ -109,6 +132,8 @@ def test_bad_shapes_are_refused_with_the_reason():
         compiled.linear_f32(torch.zeros(1, 64), torch.zeros(1, 64, 16), 20)
     with pytest.raises(RuntimeError, match="float32"):
         compiled.linear_f32(torch.zeros(1, 64), torch.zeros(1, 64, 16, dtype=torch.float64), 16)
+    with pytest.raises(RuntimeError, match="width must be 0, 256 or 512"):
+        compiled.linear_f32(torch.zeros(1, 64), torch.zeros(1, 64, 16), 16, 128)
 
 
 def test_float32_packed_layers_take_the_kernel_for_every_number_of_rows():

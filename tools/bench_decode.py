@@ -12,7 +12,7 @@ order: decode tokens/s over 64 tokens (minillm after a 128-token prompt; llama-b
 empty context: in the AVX-512 build any prompt batch on the Q8_0 and Q4_0 files segfaulted in its repacked
 kernels, `-d 128` included, so minillm decodes at the slightly longer context) and prefill tokens/s of a
 512-token prompt (`-p 512 -n 0 --repack 0`, the setting under which its quantized prefill runs there).
-Reported: the machine's kind (AVX2 only, AVX-512, AVX-512 with bf16), best round per engine, the ratios the
+Reported: the machine's kind (vendor; AVX2 only, AVX-512, AVX-512 with bf16), best round per engine, the ratios the
 issue asks for, each minillm mode's share of the bandwidth bound (read bandwidth probed each round / bytes a
 decode step reads), and the load time and resident memory of each minillm mode in a fresh process.
 """
@@ -160,13 +160,22 @@ def write_report(report: dict, out: Path | None) -> None:
 
 
 def machine_kind() -> str:
-    """Which kind of x86 machine this is, by the features the kernels and PyTorch's paths depend on."""
+    """Which kind of x86 machine this is: its vendor (linear_f32 takes AVX-512 by default on Intel only) and the
+    features the kernels and PyTorch's paths depend on."""
     flags = compiled.cpu_flags()
+    vendor = "unknown vendor"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(text.split("vendor_id")[1].split()[1], vendor)
+    except (OSError, IndexError):
+        pass
     if "avx512_bf16" in flags:
-        return "AVX-512 with bf16 dot products"
-    if "avx512f" in flags:
-        return "AVX-512 (no bf16)"
-    return "AVX2 only" if "avx2" in flags else "no AVX2"
+        kind = "AVX-512 with bf16 dot products" + (" and AMX" if "amx_bf16" in flags else "")
+    elif "avx512f" in flags:
+        kind = "AVX-512 (no bf16)"
+    else:
+        kind = "AVX2 only" if "avx2" in flags else "no AVX2"
+    return f"{vendor}, {kind}"
 
 
 def llama_bench(binary: str, gguf: Path, threads: int, flags: list[str]) -> float:

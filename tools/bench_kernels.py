@@ -1,12 +1,12 @@
 """One-row matrix products, kernel by kernel, at the speed a decode step sees them: streamed from memory.
 
     python tools/bench_kernels.py --out bench/kernels_avx2.json        # ~4 min
-    python tools/bench_kernels.py --rows 1,2,4,8,16,24,32,64,512 --out bench/kernels_rows_fp32.json   # ~4 min
+    python tools/bench_kernels.py --rows 1,2,4,8,16,24,32,64,512 --out bench/kernels_rows_fp32.json   # ~5 min
 
 With --rows: float32 products of several rows (a batched decode step; 64 and 512: prompt chunks) over the 24
 layers' matrices, for the kernel every float32 PackedLinear takes where it runs (linear_f32 on its packed
-layout), oneDNN (on the plain layout: what PackedLinear ran for prompt rows before; on its own packed one) and
-MKL's, taking turns.
+layout; its AVX2 and AVX-512 variants both where the CPU has AVX-512), oneDNN (on the plain layout: what
+PackedLinear ran for prompt rows before; on its own packed one) and MKL's, taking turns.
 
 A decode step multiplies one row by each matrix of a Qwen2.5-0.5B-shaped model once: 24 layers of q/k/v
 (1152 x 896, stacked), o (896 x 896), gate/up (9728 x 896, stacked) and down (896 x 4864), then the output
@@ -80,8 +80,9 @@ def qlinear(w: torch.Tensor):
 
 
 # name -> (make(w fp32) -> prepared weight, product(x, prepared), activation dtype, bytes read per weight)
-def f32_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return compiled.linear_f32(x, packed, packed.shape[0] * compiled.F32_BLOCK)  # every shape here: whole blocks
+def f32_product(x: torch.Tensor, packed: torch.Tensor, width: int = 0) -> torch.Tensor:
+    """linear_f32 with this CPU's default vectors (width 0), or AVX2's (256) or AVX-512's (512)."""
+    return compiled.linear_f32(x, packed, packed.shape[0] * compiled.F32_BLOCK, width)  # every shape: whole blocks
 
 
 KERNELS = {
@@ -160,7 +161,8 @@ def measure(make, product, act_dtype, bytes_per_weight: float, repeats: int) -> 
 
 # --rows: float32 products of several rows; name -> (make(w) -> prepared weight, product(x, prepared))
 ROW_KERNELS = {
-    "fp32 minillm linear_f32": (compiled.pack_f32, f32_product),
+    "fp32 minillm linear_f32 AVX2": (compiled.pack_f32, lambda x, p: f32_product(x, p, 256)),
+    "fp32 minillm linear_f32 AVX-512": (compiled.pack_f32, lambda x, p: f32_product(x, p, 512)),
     "fp32 oneDNN plain layout": (lambda w: w, onednn_product),
     "fp32 oneDNN packed": (onednn, onednn_product),
     "fp32 F.linear (MKL)": (lambda w: w, torch.nn.functional.linear),
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not compiled.available():  # built (or refused, in one line) before anything is timed
-        ROW_KERNELS.pop("fp32 minillm linear_f32")
+        ROW_KERNELS.pop("fp32 minillm linear_f32 AVX2")
+    if not compiled.available() or "avx512f" not in compiled.cpu_flags():
+        ROW_KERNELS.pop("fp32 minillm linear_f32 AVX-512")
     if args.rows:
         report = {
             "machine": {"platform": platform.platform(), "cpu": machine_kind(), "torch": torch.__version__},

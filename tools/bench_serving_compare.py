@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import machine_kind  # noqa: E402
 from bench_http import free_port, healthy  # noqa: E402
 from bench_serving import add_workload_args, benchmark, load_tokenizer, report  # noqa: E402
 
@@ -163,7 +164,7 @@ def versions(args) -> dict:
     out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or "",
+        "cpu": machine_kind(),
         "cores": os.cpu_count(),
     }
     if args.llama_server:

@@ -142,9 +142,10 @@ def pack_f32(w: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def linear_f32(x: torch.Tensor, packed: torch.Tensor, out: int) -> torch.Tensor:
-    """x [rows, in] float32 times W^T, W [out, in] float32 given as pack_f32(W) -> [rows, out]."""
-    return torch.ops.minillm.linear_f32(x, packed, out)
+def linear_f32(x: torch.Tensor, packed: torch.Tensor, out: int, width: int = 0) -> torch.Tensor:
+    """x [rows, in] float32 times W^T, W [out, in] float32 given as pack_f32(W) -> [rows, out]. width: 256 (AVX2)
+    or 512 (AVX-512) bit vectors, 0 for this CPU's default (AVX-512 on Intel CPUs that have it); the same bits."""
+    return torch.ops.minillm.linear_f32(x, packed, out, width)
 
 
 def decode_attention(

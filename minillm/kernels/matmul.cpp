@@ -1,6 +1,6 @@
-// Matrix products on x86 CPUs with AVX2: a few rows of activations (decode) against weights held in a compact
-// form, each weight read from memory once per product, and for float32 any number of rows (prompt chunks
-// too). See kernels/compiled.py for why they exist.
+// Matrix products on x86 CPUs with AVX2 (float32's also with AVX-512 where the CPU has it): a few rows of
+// activations (decode) against weights held in a compact form, each weight read from memory once per product,
+// and for float32 any number of rows (prompt chunks too). See kernels/compiled.py for why they exist.
 //
 // Weight forms (blocks of 32 input channels, as GGUF's Q8_0 and Q4_1; scales stored as float16):
 //   q8_0:  w = d * q,      q int8 in -127..127            q [out, in] int8,       d [out, in / 32] f16
@@ -359,36 +359,114 @@ void group_f32(int64_t rows, const float* w, int64_t in, const float* x, float* 
   }
 }
 
+// The same product with AVX-512, where a block's line of 16 weights is one 16-lane register: per input channel
+// one load per block and one multiply-add per row and block. With 32 registers a group is up to 12 rows of two
+// blocks (24 accumulators), so each broadcast of x serves two multiply-adds (one block per group, as AVX2 has
+// it, ran 1.25x the time at 512 rows: the loads, one per multiply-add, were the limit; four blocks of 6 rows
+// were no faster at 512 and 1.2x the time at 8). Each lane runs the same chain of multiply-adds as the AVX2
+// kernel's, so both give the same bits, and linear_f32 can take either.
+constexpr int64_t MAX_GROUP_F32_WIDE = 12;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+template <int NBLK, int R>
+inline void block_rows_f32_wide(const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
+                                int64_t k1, bool first, bool prefetch, int64_t next_panel) {
+  __m512 acc[R][NBLK];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NBLK; ++b) acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * ldy + 16 * b);
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 wv[NBLK];
+#pragma GCC unroll 16
+    for (int b = 0; b < NBLK; ++b) {
+      const float* line = w + b * F32_BLOCK * in + k * F32_BLOCK;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(line + PREFETCH_F32), _MM_HINT_T0);
+      if (next_panel) _mm_prefetch(reinterpret_cast<const char*>(line + next_panel), _MM_HINT_T1);
+      wv[b] = _mm512_loadu_ps(line);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * in + k]);
+#pragma GCC unroll 16
+      for (int b = 0; b < NBLK; ++b) acc[r][b] = _mm512_fmadd_ps(wv[b], xv, acc[r][b]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NBLK; ++b) _mm512_storeu_ps(y + r * ldy + 16 * b, acc[r][b]);
+}
+
+template <int NBLK>
+void group_f32_wide(int64_t rows, const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
+                    int64_t k1, bool first, bool prefetch, int64_t next_panel = 0) {
+#define MINILLM_ROWS(R) block_rows_f32_wide<NBLK, R>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel)
+  switch (rows) {
+    case 1: return MINILLM_ROWS(1);
+    case 2: return MINILLM_ROWS(2);
+    case 3: return MINILLM_ROWS(3);
+    case 4: return MINILLM_ROWS(4);
+    case 5: return MINILLM_ROWS(5);
+    case 6: return MINILLM_ROWS(6);
+    case 7: return MINILLM_ROWS(7);
+    case 8: return MINILLM_ROWS(8);
+    case 9: return MINILLM_ROWS(9);
+    case 10: return MINILLM_ROWS(10);
+    case 11: return MINILLM_ROWS(11);
+    default: return MINILLM_ROWS(12);
+  }
+#undef MINILLM_ROWS
+}
+#pragma GCC pop_options
+
 // y[:, 16 b : 16 (b + NBLK)] for every row of x (rows <= MAX_ROWS_F32); y [rows, ldy]. With several groups,
 // the first group's pass reads the panel from memory and the others' from cache, with nothing fetched meanwhile:
 // so from 12 rows on the last group asks for the next panel (the next block's first after a block's last) into
 // L2. Over the layers and output head that took 0.87-0.93x the time at 12 to 24 rows (A/B, 7-9 interleaved
 // rounds), but 1.09x at 8 rows (two short passes of 4 rows, mostly waiting on memory), where it is not done.
-template <int NBLK>
+template <int NBLK, bool WIDE>
 void blocks_f32(const float* w, int64_t in, const float* x, int64_t rows, float* y, int64_t ldy) {
-  const int64_t groups = (rows + MAX_GROUP_F32 - 1) / MAX_GROUP_F32;
-  if (groups == 1) return group_f32<NBLK>(rows, w, in, x, y, ldy, 0, in, true, true);
+  const auto group = WIDE ? group_f32_wide<NBLK> : group_f32<NBLK>;
+  const int64_t max_group = WIDE ? MAX_GROUP_F32_WIDE : MAX_GROUP_F32;
+  const int64_t groups = (rows + max_group - 1) / max_group;
+  if (groups == 1) return group(rows, w, in, x, y, ldy, 0, in, true, true, 0);
   for (int64_t k0 = 0; k0 < in; k0 += KC_F32) {
     const int64_t k1 = std::min(k0 + KC_F32, in);
     const int64_t next_panel = F32_BLOCK * (k1 < in ? k1 - k0 : in - k0);  // floats from a line to its counterpart
     for (int64_t g = 0, r = 0; g < groups; ++g) {
       const int64_t n = (rows - r) / (groups - g);  // groups as even as they come: 8 rows go 4 + 4
-      group_f32<NBLK>(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0,
+      group(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0,
                       rows >= 12 && g == groups - 1 ? next_panel : 0);
       r += n;
     }
   }
 }
 
+// Whether linear_f32 takes the AVX-512 variant when not told: on Intel CPUs that have it. On a 2-core Xeon
+// with AMX (under KVM; bench/kernels_rows_fp32_intel.json, over the 24 layers' matrices, best of 5) it took
+// 0.92x AVX2's time at 1 row, 0.67x at 8, 0.76x at 16, 0.71x at 32, 0.66x at 64 and 0.64x at 512 (1,503 ms,
+// oneDNN 1,415). AMD's Zen 4 runs 512-bit instructions as two 256-bit halves: this variant is unmeasured
+// there (an AVX-512 version of an earlier kernel ran 1.1-1.2x AVX2's time), so AVX2 stays its default.
+bool wide_by_default() {
+  static const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_is("intel");
+  return wide;
+}
+
 // x [rows, in] times W^T, W packed as above: packed [blocks, in, 16] -> [rows, out] (out <= 16 blocks; the
-// last block's lanes past `out` are zero weights, computed into a scratch row and dropped).
-at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& packed, int64_t out) {
+// last block's lanes past `out` are zero weights, computed into a scratch row and dropped). width: the vector
+// registers' bits, 256 (AVX2) or 512 (AVX-512), or 0 for this CPU's default; both give the same bits.
+at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& packed, int64_t out, int64_t width) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == F32_BLOCK && packed.is_contiguous(),
               "linear_f32: the weight must be packed [out / 16, in, 16] (compiled.pack_f32)");
   const int64_t blocks = packed.size(0), in = packed.size(1);
   TORCH_CHECK(out > F32_BLOCK * (blocks - 1) && out <= F32_BLOCK * blocks, "linear_f32: out does not match the packing");
   TORCH_CHECK(x_.dim() == 2 && x_.size(1) == in, "linear_f32: x must be [rows, ", in, "]");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "linear_f32: x and w must be float32");
+  TORCH_CHECK(width == 0 || width == 256 || width == 512, "linear_f32: width must be 0, 256 or 512, got ", width);
+  TORCH_CHECK(width != 512 || __builtin_cpu_supports("avx512f"), "linear_f32: this CPU has no AVX-512");
+  const bool wide = width == 512 || (width == 0 && wide_by_default());
   const at::Tensor x = x_.contiguous();
   const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, out}, x.options());
@@ -398,22 +476,22 @@ at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& packed, int64_t ou
     const int64_t n = std::min(MAX_ROWS_F32, rows - r0);
     const float* px = x.data_ptr<float>() + r0 * in;
     float* py = y.data_ptr<float>() + r0 * out;
-    const int64_t step = n <= 2 ? 2 : 1;  // blocks per work item
+    const int64_t step = wide || n <= 2 ? 2 : 1;  // blocks per work item
+    const auto whole_blocks = wide ? blocks_f32<2, true> : step == 2 ? blocks_f32<2, false> : blocks_f32<1, false>;
+    const auto one_block = wide ? blocks_f32<1, true> : blocks_f32<1, false>;
     at::parallel_for(0, (blocks + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = step * begin; b < std::min(step * end, blocks); b += step) {
-        const float* w = pw + b * F32_BLOCK * in;
         if (b + step <= whole) {
-          if (step == 2) blocks_f32<2>(w, in, px, n, py + b * F32_BLOCK, out);
-          else blocks_f32<1>(w, in, px, n, py + b * F32_BLOCK, out);
+          whole_blocks(pw + b * F32_BLOCK * in, in, px, n, py + b * F32_BLOCK, out);
           continue;
         }
         for (int64_t c = b; c < std::min(b + step, blocks); ++c) {  // the work item holding the last block
           if (c < whole) {
-            blocks_f32<1>(pw + c * F32_BLOCK * in, in, px, n, py + c * F32_BLOCK, out);
+            one_block(pw + c * F32_BLOCK * in, in, px, n, py + c * F32_BLOCK, out);
             continue;
           }
           std::vector<float> scratch(n * F32_BLOCK);  // [n, 16]: the last block, partly past `out`
-          blocks_f32<1>(pw + c * F32_BLOCK * in, in, px, n, scratch.data(), F32_BLOCK);
+          one_block(pw + c * F32_BLOCK * in, in, px, n, scratch.data(), F32_BLOCK);
           const int64_t width = std::min(F32_BLOCK, out - c * F32_BLOCK);
           for (int64_t r = 0; r < n; ++r)
             std::copy_n(scratch.data() + r * F32_BLOCK, width, py + r * out + c * F32_BLOCK);
@@ -629,7 +707,7 @@ TORCH_LIBRARY(minillm, m) {
   m.def("linear_q8_0(Tensor x, Tensor q, Tensor d) -> Tensor");
   m.def("linear_q4_1(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
-  m.def("linear_f32(Tensor x, Tensor packed, int out) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor packed, int out, int width=0) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor starts) -> Tensor");
 }
 
