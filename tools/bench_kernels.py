@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help="comma list of row counts: float32 products of several rows instead")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if not compiled.available():  # built (or refused, in one line) before anything is timed
+    kernels = compiled.available()  # built (or refused, in one line) before anything is timed
+    if not kernels:
         ROW_KERNELS.pop("fp32 minillm linear_f32 AVX2")
-    if not compiled.available() or "avx512f" not in compiled.cpu_flags():
+    if not kernels or "avx512f" not in compiled.cpu_flags():
         ROW_KERNELS.pop("fp32 minillm linear_f32 AVX-512")
     if args.rows:
         report = {

@@ -348,7 +348,7 @@ inline void block_rows_f32(const float* w, int64_t in, const float* x, float* y,
 
 template <int NBLK>
 void group_f32(int64_t rows, const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
-               int64_t k1, bool first, bool prefetch, int64_t next_panel = 0) {
+               int64_t k1, bool first, bool prefetch, int64_t next_panel) {
   switch (rows) {
     case 1: return block_rows_f32<NBLK, 1>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
     case 2: return block_rows_f32<NBLK, 2>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel);
@@ -401,7 +401,7 @@ inline void block_rows_f32_wide(const float* w, int64_t in, const float* x, floa
 
 template <int NBLK>
 void group_f32_wide(int64_t rows, const float* w, int64_t in, const float* x, float* y, int64_t ldy, int64_t k0,
-                    int64_t k1, bool first, bool prefetch, int64_t next_panel = 0) {
+                    int64_t k1, bool first, bool prefetch, int64_t next_panel) {
 #define MINILLM_ROWS(R) block_rows_f32_wide<NBLK, R>(w, in, x, y, ldy, k0, k1, first, prefetch, next_panel)
   switch (rows) {
     case 1: return MINILLM_ROWS(1);
@@ -438,7 +438,7 @@ void blocks_f32(const float* w, int64_t in, const float* x, int64_t rows, float*
     for (int64_t g = 0, r = 0; g < groups; ++g) {
       const int64_t n = (rows - r) / (groups - g);  // groups as even as they come: 8 rows go 4 + 4
       group(n, w, in, x + r * in, y + r * ldy, ldy, k0, k1, k0 == 0, g == 0,
-                      rows >= 12 && g == groups - 1 ? next_panel : 0);
+            rows >= 12 && g == groups - 1 ? next_panel : 0);
       r += n;
     }
   }

@@ -19,8 +19,9 @@ second), not arithmetic. Two things make it stream well, and both are done once,
     (2026-12-07) one row of the 9,728 x 896 matrix took 2.2 ms through MKL, 0.78 through oneDNN, 0.56 through
     the kernel. So wherever the kernels run, float32 weights are packed for it (compiled.pack_f32: blocks of
     16 output channels, input channel by input channel) and every float32 product takes it, a decode row or
-    a 512-token prompt chunk: on that layout it is a matrix-multiply micro-kernel, and over a 0.5B model's
-    layer matrices (2026-12-07, AVX-512 machine, tools/bench_kernels.py) it ran as fast as oneDNN's for
+    a prompt chunk of hundreds of rows: on that layout it is a matrix-multiply micro-kernel, and over a 0.5B model's
+    layer matrices (2026-12-07, AMD AVX-512 machine, tools/bench_kernels.py; Intel CPUs with AVX-512 take its
+    AVX-512 variant) it ran as fast as oneDNN's for
     prompt rows and faster for decode rows (numbers in README). Where the kernels do not run, float32 weights
     are only stacked and multiplied by F.linear. Exact mode (exact.py) needs a row's result to depend only on
     that row and the shapes: the kernel keeps that (each output one chain of multiply-adds in input order);
